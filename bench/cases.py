@@ -1,0 +1,122 @@
+"""What the benchmark times: shapes, and one setup function per provider (frozen base linear,
+PEFT's lora.Linear, lora_linear per backend) returning the callables the harness times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+
+# (M, K, N): M = flattened tokens; K, N = in/out features.
+SHAPES = {
+    "cpu": [(2048, 2048, 2048), (512, 4096, 4096), (512, 4096, 14336)],
+    "gpu": [(8192, 4096, 4096), (16384, 4096, 4096), (8192, 4096, 14336), (1, 4096, 4096), (16, 4096, 4096),
+            (64, 4096, 4096)],
+    "quick": [(256, 512, 512)],
+}
+
+
+@dataclass
+class Case:
+    m: int
+    k: int
+    n: int
+    r: int
+    p: float
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return f"M{self.m}-K{self.k}-N{self.n}-r{self.r}-p{self.p}"
+
+
+@dataclass
+class Provider:
+    """forward() runs the layer once in training mode; forward_backward() also its backward.
+    `params` are excluded from saved-activation counts; `shared_input` is the layer's input x."""
+
+    forward: Callable[[], torch.Tensor]
+    forward_backward: Callable[[], None]
+    params: List[torch.Tensor]
+    shared_input: torch.Tensor
+
+
+def _tensors(case: Case, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(case.dtype).to(case.device)
+
+    x = rand(case.m, case.k).requires_grad_()
+    weight = rand(case.n, case.k, scale=case.k**-0.5)
+    bias = rand(case.n)
+    lora_A = rand(case.r, case.k, scale=case.k**-0.5).requires_grad_()
+    lora_B = rand(case.n, case.r, scale=0.01).requires_grad_()
+    grad_y = rand(case.m, case.n)
+    return x, weight, bias, lora_A, lora_B, grad_y
+
+
+def _provider(layer: Callable[[], torch.Tensor], inputs, grad_y, params, x) -> Provider:
+    def forward_backward():
+        torch.autograd.grad(layer(), inputs, grad_y)  # no .grad accumulation: the same work every call
+
+    return Provider(layer, forward_backward, params, x)
+
+
+def base_linear(case: Case) -> Provider:
+    """The frozen base layer alone: what LoRA's cost is measured against."""
+    x, weight, bias, _, _, grad_y = _tensors(case)
+    return _provider(lambda: F.linear(x, weight, bias), (x,), grad_y, [weight, bias], x)
+
+
+def peft_lora(case: Case) -> Optional[Provider]:
+    """PEFT's eager lora.Linear (dropout module, two small linears, scale, add); None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
+    base = torch.nn.Linear(case.k, case.n, device=case.device, dtype=case.dtype)
+    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"])
+    layer = peft.get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        layer.base_layer.bias.copy_(bias)
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    layer.train()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    params = [p for p in layer.parameters()]
+    return _provider(lambda: layer(x), (x, a, b), grad_y, params, x)
+
+
+def fused(case: Case, backend: str) -> Provider:
+    """lora_linear with one backend."""
+    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
+
+    def layer():
+        return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, case.p, backend=backend)
+
+    return _provider(layer, (x, lora_A, lora_B), grad_y, [weight, bias, lora_A, lora_B], x)
+
+
+def providers(case: Case, backends: List[str], with_peft: bool = True) -> Dict[str, Provider]:
+    """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each."""
+    out: Dict[str, Provider] = {"base": base_linear(case)}
+    if with_peft:
+        peft_provider = peft_lora(case)
+        if peft_provider is not None:
+            out["peft"] = peft_provider
+    for backend in backends:
+        out[f"fused:{backend}"] = fused(case, backend)
+    return out
+
+
+def parse_shape(text: str) -> Tuple[int, int, int]:
+    m, k, n = (int(v) for v in text.lower().split("x"))
+    return m, k, n

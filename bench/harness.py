@@ -1,0 +1,53 @@
+"""One timer and one saved-activation meter for every provider, so ratios are side by side."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from lora_kernels.memory import SavedActivationMeter
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> Dict[str, dict]:
+    """Median/p20/p80 seconds per name. Calls alternate between names each repetition, so drift
+    (thermal, other load) hits every provider alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+    out = {}
+    for name, xs in samples.items():
+        q = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [xs[0]] * 4
+        out[name] = {"median_ms": statistics.median(xs) * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3}
+    return out
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], params, shared_input) -> dict:
+    """Bytes autograd saves for backward in one forward, by unique storage, parameters excluded:
+    `total` and `beyond_input` (without the layer input x, which the caller holds anyway)."""
+    with SavedActivationMeter(exclude=params) as meter:
+        y = forward()
+    del y
+    return {"total": meter.bytes, "beyond_input": meter.bytes_excluding(shared_input)}

@@ -1,0 +1,204 @@
+"""What the PEFT and torchtune integrations share: the patch report, the per-layer patch state and
+forward replacement, and the per-call checks (plain nn.Linear weights, hooks, dtype policy)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+_STATE_ATTR = "_lora_kernels_patch"
+FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast would cast for a linear
+
+
+@dataclass
+class PatchState:
+    """Stored on a patched layer: the class forward it replaced and the options of `patch`."""
+
+    original: Callable  # the class's forward function (called as original(module, x, ...))
+    backend: str
+    cast_adapters: bool = False
+
+
+@dataclass
+class PatchReport:
+    """What `patch` did: the layers now served by `lora_kernels.lora_linear`, the layers that keep
+    their own forward (`kept`, grouped by reason) and patched layers that are fused only under a
+    condition (`conditional`, grouped by condition; otherwise their calls run the original forward).
+    `str(report)` is a readable summary."""
+
+    patched: List[str] = field(default_factory=list)
+    kept: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    conditional: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    already_patched: int = 0  # of `patched`, how many were patched before this call
+    backend: str = "auto"
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.patched)
+
+    @property
+    def num_kept(self) -> int:
+        return sum(len(v) for v in self.kept.values())
+
+    def keep(self, name: str, reason: str) -> None:
+        self.kept[reason].append(name)
+
+    def note(self, name: str, condition: str) -> None:
+        self.conditional[condition].append(name)
+
+    def merge(self, other: "PatchReport") -> "PatchReport":
+        self.patched += other.patched
+        for reason, names in other.kept.items():
+            self.kept[reason].extend(names)
+        for condition, names in other.conditional.items():
+            self.conditional[condition].extend(names)
+        self.already_patched += other.already_patched
+        return self
+
+    def reasons(self) -> Dict[str, int]:
+        """{reason: number of layers kept for it}."""
+        return {reason: len(names) for reason, names in self.kept.items()}
+
+    def __str__(self) -> str:
+        again = f", {self.already_patched} of them already patched" if self.already_patched else ""
+        lines = [
+            f"lora_kernels.patch: {self.num_patched} LoRA layer(s) fused (backend={self.backend!r}{again}); "
+            f"{self.num_kept} kept on their own forward"
+        ]
+        for label, groups in (("kept", self.kept), ("fused only", self.conditional)):
+            for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+                lines.append(f"  {label} {len(names)}: {reason}: {shown}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def strict_error(report: PatchReport) -> ValueError:
+    detail = "\n".join(f"  {name}: {reason}" for reason, names in report.kept.items() for name in names)
+    return ValueError(
+        f"lora_kernels.patch(strict=True): {report.num_kept} LoRA layer(s) cannot be served by "
+        f"lora_kernels.lora_linear (nothing was patched):\n{detail}"
+    )
+
+
+# --- forward replacement ------------------------------------------------------------------------
+
+
+def patch_state(module: nn.Module) -> Optional[PatchState]:
+    return module.__dict__.get(_STATE_ATTR)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return patch_state(module) is not None
+
+
+def foreign_forward(module: nn.Module) -> bool:
+    """Whether something else (accelerate hooks, a user) already replaced this instance's forward."""
+    return "forward" in module.__dict__ and not is_patched(module)
+
+
+class BoundForward:
+    """The forward stored on a patched layer instance: ``fn(module, *args, **kwargs)``.
+
+    Like a bound method, but it pickles (`torch.save(model)`) and deep-copies along with its
+    module (a bound method of a module-level function would not unpickle)."""
+
+    __slots__ = ("fn", "module")
+
+    def __init__(self, fn: Callable, module: nn.Module):
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return (BoundForward, (self.fn, self.module))
+
+    def __repr__(self) -> str:
+        return f"<lora_kernels fused forward of {type(self.module).__name__}>"
+
+
+def install(module: nn.Module, fused_forward: Callable, backend: str, cast_adapters: bool) -> bool:
+    """Set `fused_forward` as the instance's forward; True if it was already patched (options updated)."""
+    state = patch_state(module)
+    if state is not None:
+        state.backend, state.cast_adapters = backend, cast_adapters
+        return True
+    module.__dict__[_STATE_ATTR] = PatchState(type(module).forward, backend, cast_adapters)
+    module.forward = BoundForward(fused_forward, module)
+    return False
+
+
+def uninstall(module: nn.Module) -> bool:
+    """Restore the class forward of a patched layer; False if it was not patched."""
+    if patch_state(module) is None:
+        return False
+    module.__dict__.pop("forward", None)
+    del module.__dict__[_STATE_ATTR]
+    return True
+
+
+def device_mismatch_error(module: nn.Module, x: Tensor, weight: Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"lora_kernels: patched {type(module).__name__} called with x on {x.device} but its weights are on "
+        f"{weight.device}. nn.DataParallel replicas share the forward of the original patched layer: use "
+        "DistributedDataParallel, or lora_kernels.unpatch(model) before wrapping the model in DataParallel."
+    )
+
+
+# --- per-call checks -----------------------------------------------------------------------------
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Forward (pre-)hooks that the eager path would run on these submodules."""
+    return any(bool(m._forward_hooks or m._forward_pre_hooks) for m in modules) or _global_hooks()
+
+
+def plain_tensor(t: Optional[Tensor]) -> bool:
+    """A dense, non-subclass (no DTensor, NF4, torchao or int8 wrapper) floating tensor, or None."""
+    if t is None:
+        return True
+    return type(t) in (nn.Parameter, Tensor) and t.layout == torch.strided and t.dtype in FUSABLE_DTYPES
+
+
+def plain_linear_reason(base: nn.Module) -> Optional[str]:
+    """Why `base` is not a plain nn.Linear the fused op can replace, or None."""
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized, Conv, Embedding, …)"
+    if not plain_tensor(base.weight) or not plain_tensor(base.bias):
+        kind = type(base.weight).__name__
+        return f"base weight is a {kind} ({base.weight.dtype}), not a dense float tensor (quantized or sharded)"
+    return None
+
+
+def dropout_p(dropout: nn.Module) -> Optional[float]:
+    """The effective dropout rate of a LoRA dropout module (0 in eval mode), None if not nn.Dropout/Identity."""
+    if type(dropout) is nn.Identity:
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for x's device type, else None."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_all(dtype: torch.dtype, tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
+    """Differentiable casts (no copy when already `dtype`); None stays None."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

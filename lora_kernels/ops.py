@@ -1,0 +1,197 @@
+"""The `lora_linear` op: input checks, torch.library registration (custom op, fake kernel,
+autograd) and dispatch to a backend from `lora_kernels.backends`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lora_kernels.backends import BACKENDS, resolve
+from lora_kernels.reference import draw_seed
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _rows(x: Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+@torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
+    y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0]), xa
+
+
+@lora_linear_op.register_fake
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight disagree on K")
+    torch._check(lora_A.shape[1] == weight.shape[1], lambda: "lora_A and weight disagree on K")
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    xa = x.new_empty(_rows(x), lora_A.shape[0])
+    return y, xa
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+    compute_grad_x: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (grad_x (shape of x; empty when not compute_grad_x), grad_A (r, K), grad_B (N, r))."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] == 0:
+        grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
+        return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    dy = grad_y.reshape(-1, n).contiguous()
+    grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
+        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
+    )
+    grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
+    return grad_x, grad_a, grad_b
+
+
+@lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, xa = output
+    # x is saved by reference (the caller's storage); never a dropped copy or a mask (DESIGN §5).
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+
+
+def _backward(ctx, grad_y, grad_xa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    grad_x, grad_a, grad_b = lora_linear_backward_op(
+        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs_x
+    )
+    grad_w = grad_bias = None
+    if needs_w or needs_b:  # only when the base layer is trainable (rare)
+        dy2d = grad_y.reshape(-1, weight.shape[0])
+        grad_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if needs_w else None
+        grad_bias = dy2d.sum(0) if needs_b else None
+    return (grad_x if needs_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend) -> None:
+    """Raise TypeError/ValueError naming the argument for anything `lora_linear` cannot serve."""
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have shape (..., K) with at least 1 dim, got a 0-dim tensor")
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    if k == 0 or n == 0:
+        raise ValueError(f"weight must be (N, K) with N, K >= 1, got {tuple(weight.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have last dim K={k} (weight is {tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    if r == 0:
+        raise ValueError("lora_A must be (r, K) with rank r >= 1, got r = 0")
+    if lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be (r, K) = (r, {k}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must be (N, r) = ({n}, {r}), got {tuple(lora_B.shape)}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must be (N,) = ({n},) or None, got {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """A LoRA linear layer in one fused op: ``x·weightᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ``.
+
+    x: (..., K), any leading dims (0 rows too) and strides; weight: (N, K); bias: (N,) or None;
+    lora_A: (r, K); lora_B: (N, r); all one dtype (fp16/bf16/fp32/fp64) on one device.
+    Returns y: (..., N). Dropout (inverted, rate `dropout_p`) applies to the LoRA branch only and
+    only when `training`; its mask is regenerated in backward from a seed drawn from the
+    generator of x's device (see `lora_kernels.reference` for the exact rule).
+    `backend`: "auto" or one of `available_backends()`; "auto" picks the fastest for the device.
+    Gradients flow to x, lora_A, lora_B, and to weight/bias when they require grad.
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+    name = resolve(backend, x.device)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+    bias = bias.contiguous() if bias is not None else None
+    y, _ = lora_linear_op(
+        x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name
+    )
+    return y

@@ -1,0 +1,30 @@
+"""The `triton` backend: fused LoRA forward/backward as Triton kernels (GPU; CPU tensors under
+TRITON_INTERPRET=1). Implements the backend interface of `lora_kernels.backends`.
+
+Kernels by direction live in `fwd.py` / `bwd.py`, the dropout generator in `dropout.py`,
+autotune configs and the schedule/determinism switches in `configs.py`:
+  LORA_KERNELS_TRITON_SCHEDULE=auto|F1|F2   forward schedule (default auto: F1 for small M)
+  LORA_KERNELS_TRITON_DETERMINISTIC=1|0     backward dA/dB by ordered partials (1) or atomics (0)
+"""
+
+from __future__ import annotations
+
+from lora_kernels.triton.bwd import lora_backward
+from lora_kernels.triton.fwd import lora_forward
+
+__all__ = ["forward", "backward"]
+
+
+def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, schedule=None):
+    """x2d (M, K) any strides; weight (N, K); bias (N,) or None; lora_A (r, K); lora_B (N, r) ->
+    (y (M, N), xa (M, r)) in x's dtype. Dropout on iff `seed` (int64 (1,) on x's device) is given.
+    schedule: "auto" | "F1" | "F2" | None (env LORA_KERNELS_TRITON_SCHEDULE)."""
+    return lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, schedule=schedule)
+
+
+def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, *, deterministic=None):
+    """dy (M, N) contiguous -> (dx (M, K) or None, dA (r, K), dB (N, r)) per DESIGN §1.
+    deterministic: True | False | None (env LORA_KERNELS_TRITON_DETERMINISTIC, default True)."""
+    return lora_backward(
+        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, deterministic=deterministic
+    )

@@ -1,0 +1,222 @@
+"""Forward: ``y = x·Wᵀ + b + s·xa·Bᵀ`` with ``xa = dropout(x)·Aᵀ`` (DESIGN §1, §3).
+
+Two schedules, both kept selectable (`configs.resolve_schedule`):
+  F1  one kernel: every (BLOCK_M, BLOCK_N) tile also accumulates dropout(x)·Aᵀ from the x tile it
+      already loaded; the N tiles of a row block all compute the same xa, the first one stores it.
+  F2  `_lora_fwd_xa_kernel` makes xa once (one read of x, the mask generated once), then the GEMM
+      reads the (M, r) xa in its epilogue.
+r is padded to R_PAD = max(16, next_pow2(r)) (the MMA minimum) with masked loads, never in memory.
+Row indices are cast to int64 before they meet a stride, so M·K and M·N may exceed 2**31.
+Kernels call triton builtins only, not triton's own jit helpers (tl.zeros, tl.cdiv, tl.randint4x):
+see dropout.py for why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import configs
+from lora_kernels.triton.dropout import _dropout_keep, dropout_params
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), GROUP_M row blocks at a time so their W tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(
+    configs=configs.xa_configs(),
+    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": configs.prune_stream},
+)
+@triton.jit
+def _lora_fwd_xa_kernel(
+    x_ptr, stride_xm, stride_xk,
+    a_ptr, stride_ar, stride_ak,
+    xa_ptr, stride_xam, stride_xar,
+    seed_ptr,
+    M, K, R, inv_keep, threshold, M_BUCKET,
+    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """F2 pre-pass: xa[rows] = dropout(x[rows])·Aᵀ for one block of BLOCK_M rows (memory-bound)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak  # Aᵀ tile
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        flat_row = rows * K
+    acc = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, flat_row + k0, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
+            x = tl.where(keep, x * inv_keep, 0.0).to(a.dtype)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
+        a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.autotune(
+    configs=configs.gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "FUSE_XA", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": configs.prune_fwd},
+)
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, stride_xm, stride_xk,
+    w_ptr, stride_wn, stride_wk,
+    bias_ptr,
+    a_ptr, stride_ar, stride_ak,
+    b_ptr, stride_bn, stride_br,
+    xa_ptr, stride_xam, stride_xar,
+    y_ptr, stride_ym, stride_yn,
+    seed_ptr,
+    M, N, K, R, scaling, inv_keep, threshold, M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_XA: tl.constexpr, K_ALIGNED: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of y = x·Wᵀ + b + s·xa·Bᵀ. FUSE_XA (F1): xa is accumulated here
+    and stored by the pid_n == 0 tiles; else (F2) it is read from xa_ptr."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk  # Wᵀ tile
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if FUSE_XA:
+        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak  # Aᵀ tile
+        acc_xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            flat_row = rows * K
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if FUSE_XA:
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, flat_row + k0, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
+                x = tl.where(keep, x * inv_keep, 0.0).to(a.dtype)
+            acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
+            a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
+        x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
+        w_ptrs += tl.cast(stride_wk, tl.int64) * BLOCK_K
+
+    # Epilogue: + b + s·xa·B_tileᵀ; xa is rounded to the input dtype exactly as it is stored (and
+    # as F2 reads it back), so F1 and F2 give the same y up to summation order.
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    xa_mask = mask_m[:, None] & mask_r[None, :]
+    if FUSE_XA:
+        xa = acc_xa.to(xa_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(xa_ptrs, xa, mask=xa_mask)
+    else:
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # Bᵀ tile (R_PAD, BLOCK_N)
+    # Accumulate into acc (no second BLOCK_M x BLOCK_N fp32 tile: that spills at 128x256): s is
+    # folded into the small xa operand, one extra rounding of the LoRA term in the input dtype.
+    xa_s = (xa.to(tl.float32) * scaling).to(xa.dtype)
+    acc = tl.dot(xa_s, bt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_dtype(x: torch.Tensor) -> None:
+    """The kernels accumulate in fp32: fp64 is not served (the reference and cpu backends do it)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+
+
+def r_pad(r: int) -> int:
+    """r padded to the MMA minimum (16) and a power of two (tl.arange)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, schedule=None):
+    """x2d (M, K) any strides, weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r) ->
+    (y (M, N), xa (M, r)), both in x's dtype. Dropout is on iff `seed` (int64, shape (1,)) is given.
+    `schedule`: "auto" | "F1" | "F2" (None: env LORA_KERNELS_TRITON_SCHEDULE, default "auto")."""
+    check_dtype(x2d)
+    m, k = x2d.shape
+    n, r = weight.shape[0], lora_A.shape[0]
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    xa = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return y, xa
+    has_dropout = seed is not None
+    threshold, inv_keep = dropout_params(dropout_p) if has_dropout else (0, 1.0)
+    fuse_xa = configs.resolve_schedule(schedule, m) == "F1"
+    common = dict(
+        HAS_DROPOUT=has_dropout, K_ALIGNED=k % 8 == 0, R_PAD=r_pad(r), DOT_PRECISION=configs.dot_precision(x2d.dtype)
+    )
+    with _device_of(x2d):
+        if not fuse_xa:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+            _lora_fwd_xa_kernel[grid](
+                x2d, x2d.stride(0), x2d.stride(1),
+                lora_A, lora_A.stride(0), lora_A.stride(1),
+                xa, xa.stride(0), xa.stride(1),
+                seed,
+                m, k, r, inv_keep, threshold, configs.m_bucket(m),
+                **common,
+            )
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _lora_fwd_kernel[grid](
+            x2d, x2d.stride(0), x2d.stride(1),
+            weight, weight.stride(0), weight.stride(1),
+            bias,
+            lora_A, lora_A.stride(0), lora_A.stride(1),
+            lora_B, lora_B.stride(0), lora_B.stride(1),
+            xa, xa.stride(0), xa.stride(1),
+            y, y.stride(0), y.stride(1),
+            seed,
+            m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m),
+            HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common,
+        )
+    return y, xa
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on t's GPU (Triton uses the current device); a no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

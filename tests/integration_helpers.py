@@ -1,0 +1,146 @@
+"""Helpers for the PEFT / torchtune / Trainer / DDP integration tests: tiny models, seed recording
+and the dropout mirror that lets an unpatched model reproduce the fused op's masks."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import lora_kernels.ops
+from lora_kernels.reference import dropout_multiplier, draw_seed
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(hidden=32, layers=2, heads=4, vocab=64, intermediate=64, seed=0, dtype=torch.float32):
+    """A randomly initialised LlamaForCausalLM (no downloads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def peft_llama(dropout=0.0, r=4, alpha=8, dtype=torch.float32, seed=0, **lora_kwargs):
+    """tiny_llama with PEFT LoRA on all seven projections; lora_B random so every gradient is non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(dtype=dtype, seed=seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LLAMA_PROJECTIONS,
+        init_lora_weights=False,
+        **lora_kwargs,
+    )
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+def token_batch(batch=2, seq=8, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def trainable_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def run_llama(model, ids, backward=True):
+    """(logits, {name: grad}) of one forward (+ backward of the LM loss)."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    if not backward:
+        return out.logits.detach(), {}
+    out.loss.backward()
+    return out.logits.detach(), trainable_grads(model)
+
+
+def assert_tensors_close(actual, expected, atol, rtol, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    assert bool((err <= bound).all()), f"{what}: max abs err {err.max().item():.3g} (atol={atol}, rtol={rtol})"
+
+
+def assert_grads_close(actual, expected, atol, rtol):
+    assert actual.keys() == expected.keys() and actual, (sorted(actual), sorted(expected))
+    for name in expected:
+        assert_tensors_close(actual[name], expected[name], atol, rtol, name)
+
+
+def twin(model):
+    """An independent copy (same parameters) to patch while `model` stays PEFT's."""
+    return copy.deepcopy(model)
+
+
+class SeedRecorder:
+    """Stands in for `lora_kernels.ops.draw_seed`: draws the same seeds and remembers them in order."""
+
+    def __init__(self):
+        self.seeds = []
+
+    def __call__(self, device):
+        seed = draw_seed(device)
+        self.seeds.append(int(seed.item()))
+        return seed
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(lora_kernels.ops, "draw_seed", self)
+        return self
+
+
+class MirrorDropout(nn.Module):
+    """Dropout with the lora_kernels mask of the next recorded seed (the Python mirror of the generator)."""
+
+    def __init__(self, p, seeds):
+        super().__init__()
+        self.p, self.seeds = p, seeds
+
+    def forward(self, x):
+        k = x.shape[-1]
+        d = dropout_multiplier(self.seeds.pop(0), x.numel() // k, k, self.p, x.dtype, x.device)
+        return x * d.reshape(x.shape)
+
+
+def mirror_peft_dropouts(model, seeds):
+    """Replace every PEFT lora_dropout nn.Dropout by a MirrorDropout consuming `seeds` in call order."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in list(module.lora_dropout.items()):
+                if isinstance(dropout, nn.Dropout):
+                    module.lora_dropout[name] = MirrorDropout(dropout.p, seeds)
+
+
+class FusedCalls:
+    """Counts the calls an integration module makes to `lora_linear` (so a test can tell the fused
+    path from a delegation to the framework's own forward)."""
+
+    def __init__(self, monkeypatch, integration_module):
+        self.count = 0
+        original = integration_module.lora_linear
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(integration_module, "lora_linear", counting)
+
+    def take(self):
+        count, self.count = self.count, 0
+        return count

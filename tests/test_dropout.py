@@ -1,0 +1,97 @@
+"""The dropout contract (DESIGN §4): one generator, bit-identical across backends, never stored."""
+
+import math
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.reference import dropout_keep_mask, philox4x32
+
+BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
+needs_cpu_kernels = pytest.mark.skipif("cpu" not in BACKENDS, reason="lora_kernels._C (cpu kernels) is not built")
+SEEDS = [0, 1, 2**32 - 1, 2**32, 0x0123456789ABCDEF, 2**63 - 1]
+
+
+def test_mirror_matches_philox_known_answer():
+    # Random123's published philox4x32-10 answer for counter 0, key 0.
+    words = [int(w) for w in philox4x32(torch.zeros(1, dtype=torch.int64), 0)]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_mirror_lane_layout():
+    # Lane j of group g is the 16-bit half j % 2 of word j // 2.
+    seed, p = 99, 0.5
+    words = [int(w) for w in philox4x32(torch.tensor([1], dtype=torch.int64), seed)]
+    lanes = [(words[j // 2] >> (16 * (j % 2))) & 0xFFFF for j in range(8)]
+    mask = dropout_keep_mask(seed, 1, 16, p)[0, 8:]
+    assert mask.tolist() == [lane >= 32768 for lane in lanes]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("seed", SEEDS, ids=hex)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (17, 37), (64, 128), (5, 1001)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_mask_bit_identical_to_mirror(seed, rows, cols, p):
+    got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)
+    assert torch.equal(got, dropout_keep_mask(seed, rows, cols, p))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_within_4_sigma(p):
+    n_rows, n_cols = 500, 999
+    rate = dropout_keep_mask(12345, n_rows, n_cols, p).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (n_rows * n_cols))
+    assert abs(rate - (1 - p)) < 4 * sigma
+
+
+def identity_layer(k, dtype=torch.float32):
+    """weight = 0, A = B = I, scaling 1: y = dropout(x), grad_x = D ⊙ grad_y, exposing the mask."""
+    eye = torch.eye(k, dtype=dtype)
+    return torch.zeros(k, k, dtype=dtype), eye.clone().requires_grad_(), eye.clone().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_op_applies_mirror_mask_forward_and_backward(backend, p):
+    m, k = 13, 21
+    weight, lora_A, lora_B = identity_layer(k)
+    x = (torch.rand(m, k) + 1.0).requires_grad_()  # nonzero everywhere
+    torch.manual_seed(3)
+    y = lora_kernels.lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, backend=backend)
+    torch.manual_seed(3)
+    seed = int(lora_kernels.reference.draw_seed("cpu").item())
+    keep = dropout_keep_mask(seed, m, k, p)
+    assert torch.equal(y != 0, keep), "forward mask differs from the mirror"
+    torch.testing.assert_close(y, x.detach() * keep / (1 - p))
+    grad_y = torch.rand(m, k) + 1.0
+    (grad_x,) = torch.autograd.grad(y, (x,), grad_y)
+    assert torch.equal(grad_x != 0, keep), "backward regenerated a different mask"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manual_seed_reproduces_and_seeds_differ(backend):
+    k = 32
+    weight, lora_A, lora_B = identity_layer(k)
+    x = torch.rand(8, k) + 1.0
+
+    def run():
+        return lora_kernels.lora_linear(x, weight, None, lora_A, lora_B, 1.0, 0.5, backend=backend)
+
+    torch.manual_seed(11)
+    first, second = run(), run()
+    torch.manual_seed(11)
+    again = run()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,training", [(0.0, True), (0.5, False)])
+def test_no_dropout_draws_no_seed(backend, p, training):
+    weight, lora_A, lora_B = identity_layer(8)
+    x = torch.rand(4, 8)
+    state = torch.get_rng_state()
+    y = lora_kernels.lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, training=training, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state), "the generator was used with dropout off"
+    torch.testing.assert_close(y, x)

@@ -1,0 +1,119 @@
+"""Every CPU-usable backend against the fp64 oracle: forward and every gradient, per dtype."""
+
+import os
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.reference import draw_seed
+from helpers import assert_close, make_inputs, oracle
+
+# triton runs on CPU tensors only under its (slow) interpreter: it has its own test file.
+BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_cpu_backend_is_built():
+    if os.environ.get("LORA_KERNELS_NO_EXTENSION") == "1":
+        pytest.skip("LORA_KERNELS_NO_EXTENSION=1: pure-Python install")
+    assert "cpu" in BACKENDS, lora_kernels.backends.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
+
+
+def run_case(backend, lead, k, n, r, dtype, p, bias=True, scaling=0.75, x_transform=None, training=True):
+    x, weight, b, lora_A, lora_B = make_inputs(lead, k, n, r, dtype, bias=bias)
+    if x_transform is not None:
+        x = x_transform(x.detach()).requires_grad_(True)
+    torch.manual_seed(1234)
+    y = lora_kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, p, training=training, backend=backend)
+    torch.manual_seed(1234)
+    active_p = p if training else 0.0
+    seed = draw_seed("cpu") if active_p > 0 else None
+    grad_y = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    y_ref, grads_ref = oracle(x, weight, b, lora_A, lora_B, scaling, active_p, seed, grad_y)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
+    assert_close(y, y_ref, dtype, "y")
+    grads = torch.autograd.grad(y, (x, lora_A, lora_B), grad_y) if y.numel() else None
+    if grads is None:
+        return
+    for name, got, want in zip(("grad_x", "grad_A", "grad_B"), grads, grads_ref):
+        assert_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_matches_reference_per_dtype(backend, dtype, p):
+    run_case(backend, (5, 7), 37, 45, 3, dtype, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "lead,k,n,r",
+    [
+        ((), 16, 8, 4),  # a single vector (1-D x)
+        ((1,), 33, 19, 1),  # M = 1, r = 1
+        ((3,), 8, 8, 64),  # r > K, N
+        ((2, 3, 4), 29, 31, 3),  # three leading dims
+        ((70,), 130, 67, 16),  # several row blocks, K and N not multiples of 8
+        ((0,), 12, 10, 4),  # M = 0
+        ((2, 0, 3), 12, 10, 4),
+    ],
+    ids=lambda v: str(v).replace(" ", ""),
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shapes(backend, lead, k, n, r, p):
+    run_case(backend, lead, k, n, r, torch.float32, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize(
+    "transform",
+    [lambda x: x.transpose(0, 1), lambda x: x[:, ::2], lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2)],
+    ids=["transposed-leading", "strided-rows", "column-major"],
+)
+def test_non_contiguous_x(backend, p, transform):
+    run_case(backend, (6, 10), 24, 18, 4, torch.float32, p, x_transform=transform)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_no_bias_and_eval_mode(backend, p):
+    run_case(backend, (9,), 21, 13, 5, torch.float32, p, bias=False)
+    run_case(backend, (9,), 21, 13, 5, torch.float32, p, training=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_base_gets_weight_and_bias_grads(backend):
+    x, weight, bias, lora_A, lora_B = make_inputs((4, 3), 11, 7, 2, torch.float64)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend=backend)
+    grad_y = torch.randn_like(y)
+    gw, gb = torch.autograd.grad(y, (weight, bias), grad_y)
+    assert_close(gw, grad_y.reshape(-1, 7).t() @ x.reshape(-1, 11), torch.float64, "grad_weight")
+    assert_close(gb, grad_y.reshape(-1, 7).sum(0), torch.float64, "grad_bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x_without_grad_skips_grad_x(backend):
+    x, weight, bias, lora_A, lora_B = make_inputs((5,), 9, 6, 2, torch.float32)
+    x = x.detach()
+    y = lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, backend=backend)
+    y.sum().backward()  # grad_y is an expanded (stride 0) tensor here
+    assert x.grad is None and lora_A.grad is not None and lora_B.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp64_gradcheck(backend, p):
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 2), 7, 5, 3, torch.float64)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+
+    def fn(x, weight, bias, lora_A, lora_B):
+        torch.manual_seed(7)  # the same dropout mask on every evaluation
+        return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 0.9, p, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, lora_A, lora_B))
