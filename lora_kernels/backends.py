@@ -13,12 +13,12 @@ import torch
 from lora_kernels import _extension
 
 
-def _always(device: torch.device) -> Optional[str]:
+def _always(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return None
 
 
 def _compiled_reason(device_type: str) -> Callable[[torch.device], Optional[str]]:
-    def reason(device: torch.device) -> Optional[str]:
+    def reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         if device.type != device_type:
             return f"it runs on {device_type} tensors, got {device.type}"
         if _extension.load_error() is not None:
@@ -30,7 +30,13 @@ def _compiled_reason(device_type: str) -> Callable[[torch.device], Optional[str]
     return reason
 
 
-def _triton_reason(device: torch.device) -> Optional[str]:
+# The Triton kernels accumulate in fp32 and use tensor-core dots: fp64 is left to the others.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return f"the triton backend supports float16, bfloat16 and float32, got {dtype}"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpreted and device.type == "cpu"):
         return f"it runs on cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got {device.type}"
@@ -45,7 +51,8 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 class Backend:
     name: str
     module: str  # implements forward(...) and backward(...)
-    unavailable_reason: Callable[[torch.device], Optional[str]]
+    # (device, dtype or None) -> why this backend cannot serve such tensors, or None if it can
+    unavailable_reason: Callable[..., Optional[str]]
 
     def impl(self):
         return importlib.import_module(self.module)
@@ -65,23 +72,24 @@ BACKENDS = {
 AUTO_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend for `name` ("auto" or a backend name) on `device`; ValueError if unusable."""
-    return _resolve(name, device.type, device.index)
+def resolve(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend for `name` ("auto" or a backend name) for tensors of `device` (and
+    `dtype`, if given); ValueError if `name` cannot serve them."""
+    return _resolve(name, device.type, device.index, dtype)
 
 
 # Constant for a given machine: torch.compile evaluates it once instead of tracing the imports.
 @torch.compiler.assume_constant_result
-def _resolve(name: str, device_type: str, device_index: Optional[int]) -> str:
+def _resolve(name: str, device_type: str, device_index: Optional[int], dtype: Optional[torch.dtype]) -> str:
     device = torch.device(device_type, device_index)
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
-            if BACKENDS[candidate].unavailable_reason(device) is None:
+            if BACKENDS[candidate].unavailable_reason(device, dtype) is None:
                 return candidate
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    reason = BACKENDS[name].unavailable_reason(device)
+    reason = BACKENDS[name].unavailable_reason(device, dtype)
     if reason is not None:
         raise ValueError(f"backend {name!r} cannot serve {device.type} tensors here: {reason}")
     return name

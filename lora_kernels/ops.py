@@ -187,7 +187,7 @@ def lora_linear(
     Gradients flow to x, lora_A, lora_B, and to weight/bias when they require grad.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
-    name = resolve(backend, x.device)
+    name = resolve(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     bias = bias.contiguous() if bias is not None else None

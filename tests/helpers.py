@@ -72,7 +72,8 @@ def assert_close(actual, expected, dtype, name, baseline=None):
             return
     if bad.any():
         err = (actual - expected).abs()
-        idx = tuple(int(i) for i in torch.nonzero(err == err.nan_to_num(float("inf")).max())[0])
+        flat = int(err.nan_to_num(float("inf")).flatten().argmax())  # a NaN counts as the worst
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
         raise AssertionError(
             f"{name} ({dtype}): {int(bad.sum())}/{bad.numel()} elements off (atol={atol}, rtol={rtol}); "
             f"worst at {idx}: {actual[idx].item()} vs {expected[idx].item()}; "

@@ -48,10 +48,14 @@ def test_opcheck_compiled_ops():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph_forward_backward(backend, compiler, monkeypatch):
+def test_compile_fullgraph_forward_backward(backend, compiler):
     # Inductor draws random numbers its own way unless told to match eager; the seed comes from
-    # torch.randint, so this makes the compiled mask comparable with the eager one.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # torch.randint, so fallback_random makes the compiled mask comparable with the eager one.
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_compiled_matches_eager(backend, compiler)
+
+
+def _check_compiled_matches_eager(backend, compiler):
     layer = lora_kernels.LoRALinear(24, 16, r=4, alpha=8, dropout=0.2, backend=backend)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 6, 24, requires_grad=True)

@@ -83,6 +83,7 @@ with _interpreter_env():
 
 import lora_kernels  # noqa: E402
 from lora_kernels import reference  # noqa: E402
+from lora_kernels.backends import resolve  # noqa: E402
 from tests.helpers import assert_close, make_inputs, oracle  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -170,8 +171,10 @@ def test_noncontiguous_x(layout, schedule, monkeypatch):
 
 def test_float64_is_refused():
     x, weight, bias, lora_A, lora_B = make_inputs((4,), 37, 45, 3, torch.float64, DEVICE)
-    with pytest.raises(TypeError, match="triton backend supports"):
+    with pytest.raises(ValueError, match="triton backend supports"):
         lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend="triton")
+    # "auto" passes over triton for fp64 instead of failing
+    assert resolve("auto", x.device, torch.float64) != "triton"
 
 
 def test_zero_rows():
