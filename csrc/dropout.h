@@ -36,21 +36,31 @@ LK_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
+constexpr uint32_t kPhiloxMulA = 0xD2511F53u, kPhiloxMulB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+// One Philox4x32 round on the counter words under round key (k0, k1). Written on plain values so
+// the CPU code can run it over arrays of counters (vectorised) and the GPU code per thread.
+LK_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  uint32_t hi_b, hi_a;
+  const uint32_t lo_b = mulhilo32(kPhiloxMulB, c2, &hi_b);
+  const uint32_t lo_a = mulhilo32(kPhiloxMulA, c0, &hi_a);
+  c0 = hi_b ^ c1 ^ k0;
+  c1 = lo_b;
+  c2 = hi_a ^ c3 ^ k1;
+  c3 = lo_a;
+}
+
 // Philox4x32-10 of counter (group lo, group hi, 0, 0) under the 64-bit seed.
 LK_HOST_DEVICE Philox4 philox4x32_10(uint64_t seed, uint64_t group) {
   uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 LK_UNROLL
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi_b, hi_a;
-    const uint32_t lo_b = mulhilo32(0xCD9E8D57u, c2, &hi_b);
-    const uint32_t lo_a = mulhilo32(0xD2511F53u, c0, &hi_a);
-    c0 = hi_b ^ c1 ^ k0;
-    c1 = lo_b;
-    c2 = hi_a ^ c3 ^ k1;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
   return Philox4{{c0, c1, c2, c3}};
 }
@@ -60,16 +70,18 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(std::floor(p * 65536.0 + 0.5));
 }
 
+// Bit j of the result says whether lane j of the Philox words `w` is kept.
+LK_HOST_DEVICE uint32_t keep_bits_of(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, uint32_t threshold) {
+  return static_cast<uint32_t>((w0 & 0xFFFFu) >= threshold) | static_cast<uint32_t>((w0 >> 16) >= threshold) << 1 |
+         static_cast<uint32_t>((w1 & 0xFFFFu) >= threshold) << 2 | static_cast<uint32_t>((w1 >> 16) >= threshold) << 3 |
+         static_cast<uint32_t>((w2 & 0xFFFFu) >= threshold) << 4 | static_cast<uint32_t>((w2 >> 16) >= threshold) << 5 |
+         static_cast<uint32_t>((w3 & 0xFFFFu) >= threshold) << 6 | static_cast<uint32_t>((w3 >> 16) >= threshold) << 7;
+}
+
 // Bit j of the result says whether lane j (flat index 8*group + j) is kept.
 LK_HOST_DEVICE uint32_t keep_bits8(uint64_t seed, uint64_t group, uint32_t threshold) {
   const Philox4 r = philox4x32_10(seed, group);
-  uint32_t bits = 0;
-LK_UNROLL
-  for (int j = 0; j < kLanesPerCall; ++j) {
-    const uint32_t lane = (r.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
-    bits |= static_cast<uint32_t>(lane >= threshold) << j;
-  }
-  return bits;
+  return keep_bits_of(r.w[0], r.w[1], r.w[2], r.w[3], threshold);
 }
 
 }  // namespace lora_kernels

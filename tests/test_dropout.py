@@ -1,6 +1,9 @@
 """The dropout contract (DESIGN §4): one generator, bit-identical across backends, never stored."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +98,20 @@ def test_no_dropout_draws_no_seed(backend, p, training):
     y = lora_kernels.lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, training=training, backend=backend)
     assert torch.equal(torch.get_rng_state(), state), "the generator was used with dropout off"
     torch.testing.assert_close(y, x)
+
+
+@needs_cpu_kernels
+def test_cpu_scalar_generator_matches_vector_one():
+    """LORA_KERNELS_NO_AVX512=1 forces the scalar Philox loop (read once per process, so in a
+    child process); its masks must equal the mirror's like the default (vector) path's."""
+    code = (
+        "import torch, lora_kernels\n"
+        "from lora_kernels.reference import dropout_keep_mask\n"
+        "for seed, rows, cols, p in [(0, 3, 7, 0.1), (2**63 - 1, 17, 37, 0.5), (12345, 5, 1001, 0.9)]:\n"
+        "    got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)\n"
+        "    assert torch.equal(got, dropout_keep_mask(seed, rows, cols, p)), (seed, rows, cols, p)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, LORA_KERNELS_NO_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -3,9 +3,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <cstdlib>
+#include <cstring>
 
-#include "dropout.h"
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace lora_kernels {
 namespace cpu {
@@ -28,47 +31,77 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
 
 namespace {
 
-// Keep-bits of `count` consecutive Philox groups from `first`. Compiled for several ISAs and
-// picked at run time, so the 32x32->64 multiplies of Philox vectorise where the CPU allows.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_bits_batch(
-    uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out) {
+// One Philox call per group: the reference loop, and the tail of the vector ones.
+void keep_bytes_scalar(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out) {
   for (int64_t i = 0; i < count; ++i) {
     out[i] = static_cast<uint8_t>(keep_bits8(seed, first + static_cast<uint64_t>(i), threshold));
   }
 }
 
-// Calls visit(k, kept) for every column of `row`, a batch of groups at a time: the Philox bits
-// of a batch first (vectorised), then a branch-free lane lookup per column.
-template <typename Visit>
-void for_each_keep(const DropoutSpec& spec, int64_t row, int64_t cols, Visit visit) {
-  constexpr int64_t kBatch = 256;  // groups per batch: 2048 columns
-  uint8_t bits[kBatch];
-  const uint64_t start = static_cast<uint64_t>(row) * static_cast<uint64_t>(cols);
-  for (int64_t k0 = 0; k0 < cols; k0 += kBatch * kLanesPerCall - kLanesPerCall) {
-    const int64_t k1 = std::min<int64_t>(cols, k0 + kBatch * kLanesPerCall - kLanesPerCall);
-    const uint64_t first = (start + k0) / kLanesPerCall;
-    const uint64_t last = (start + k1 - 1) / kLanesPerCall;  // at most kBatch groups
-    keep_bits_batch(spec.seed, first, static_cast<int64_t>(last - first + 1), spec.threshold, bits);
-    for (int64_t k = k0; k < k1; ++k) {
-      const uint64_t flat = start + k;
-      visit(k, (bits[flat / kLanesPerCall - first] >> (flat % kLanesPerCall)) & 1u);
-    }
-  }
+#if defined(__x86_64__)
+// gcc 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* helpers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// (lo, hi) 32-bit halves of a * c for 16 lanes (a broadcast): vpmuludq on even and odd lanes.
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i c, __m512i& lo, __m512i& hi) {
+  const __m512i even = _mm512_mul_epu32(a, c);
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
+
+// The same rounds as philox4x32_10 (csrc/dropout.h), 16 counters at a time.
+__attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_t first, int64_t count,
+                                                         uint32_t threshold, uint8_t* out) {
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(kPhiloxMulA));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(kPhiloxMulB));
+  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  int64_t i0 = 0;
+  for (; i0 + 16 <= count; i0 += 16) {
+    const uint64_t group = first + static_cast<uint64_t>(i0);
+    const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
+    __m512i c0 = _mm512_add_epi32(base_lo, lane_index);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);  // the low word wrapped
+    const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
+    __m512i c1 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m512i lo_a, hi_a, lo_b, hi_b;
+      mulhilo16(mul_b, c2, lo_b, hi_b);
+      mulhilo16(mul_a, c0, lo_a, hi_a);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      c1 = lo_b;
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c3 = lo_a;
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    __m512i bits = _mm512_setzero_si512();
+    const __m512i words[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w) {
+      const __mmask16 keep_lo = _mm512_cmpge_epu32_mask(_mm512_and_si512(words[w], low16), thr);
+      const __mmask16 keep_hi = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(words[w], 16), thr);
+      bits = _mm512_mask_or_epi32(bits, keep_lo, bits, _mm512_set1_epi32(1 << (2 * w)));
+      bits = _mm512_mask_or_epi32(bits, keep_hi, bits, _mm512_set1_epi32(1 << (2 * w + 1)));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i0), _mm512_cvtepi32_epi8(bits));
+  }
+  keep_bytes_scalar(seed, first + static_cast<uint64_t>(i0), count - i0, threshold, out + i0);
+}
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace
 
-template <typename acc_t>
-void fill_row_multiplier(const DropoutSpec& spec, int64_t row, int64_t cols, acc_t* out) {
-  const acc_t scale = static_cast<acc_t>(spec.scale);
-  for_each_keep(spec, row, cols, [&](int64_t k, uint32_t kept) { out[k] = scale * static_cast<acc_t>(kept); });
-}
-
-template void fill_row_multiplier<float>(const DropoutSpec&, int64_t, int64_t, float*);
-template void fill_row_multiplier<double>(const DropoutSpec&, int64_t, int64_t, double*);
-
-void fill_row_keep(const DropoutSpec& spec, int64_t row, int64_t cols, bool* out) {
-  for_each_keep(spec, row, cols, [&](int64_t k, uint32_t kept) { out[k] = kept != 0; });
+void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out) {
+#if defined(__x86_64__)
+  // LORA_KERNELS_NO_AVX512=1 forces the scalar loop (the tests check both give the same bits).
+  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("LORA_KERNELS_NO_AVX512") == nullptr;
+  if (use_avx512) return keep_bytes_avx512(seed, first, count, threshold, out);
+#endif
+  keep_bytes_scalar(seed, first, count, threshold, out);
 }
 
 namespace {
@@ -80,8 +113,15 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t c
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   if (cols == 0) return mask;
   bool* data = mask.data_ptr<bool>();
+  const RowDropout<float> dropout(spec, cols);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) fill_row_keep(spec, m, cols, data + m * cols);
+    std::vector<uint8_t> bytes(dropout.bytes_per_row());
+    std::vector<float> ones(cols, 1.0f), mult(cols);
+    for (int64_t m = begin; m < end; ++m) {
+      dropout.row_bytes(m, bytes.data());
+      dropout.apply(m, bytes.data(), ones.data(), 1, 1.0f, mult.data());
+      for (int64_t k = 0; k < cols; ++k) data[m * cols + k] = mult[k] != 0.0f;
+    }
   });
   return mask;
 }

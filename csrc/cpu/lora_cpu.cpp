@@ -35,24 +35,17 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(x.device().is_cpu(), "lora_kernels: the cpu kernels need CPU tensors, got x on ", x.device());
 }
 
-// Row blocks [begin, end) of x with the dropout multiplier applied, in acc_t, into `buffer`
-// (rows x K, contiguous); `mult` receives the multiplier rows when the caller needs them again.
+// Rows [begin, end) of x with the dropout multipliers applied, in acc_t, into `buffer` (rows x
+// K, contiguous); `bytes` receives each row's keep bits (bytes_per_row() apart) for reuse.
 template <typename scalar_t, typename acc_t>
-void dropped_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t begin, int64_t end, acc_t* buffer,
-                  acc_t* mult) {
-  const int64_t k_size = x.size(1);
-  const int64_t sm = x.stride(0), sk = x.stride(1);
+void dropped_rows(const at::Tensor& x, const RowDropout<acc_t>& dropout, int64_t begin, int64_t end, acc_t* buffer,
+                  uint8_t* bytes) {
+  const int64_t k_size = x.size(1), row_bytes = dropout.bytes_per_row();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   for (int64_t m = begin; m < end; ++m) {
-    acc_t* row_mult = mult + (m - begin) * k_size;
-    acc_t* out = buffer + (m - begin) * k_size;
-    fill_row_multiplier<acc_t>(spec, m, k_size, row_mult);
-    const scalar_t* x_row = x_data + m * sm;
-    if (sk == 1) {
-      for (int64_t k = 0; k < k_size; ++k) out[k] = static_cast<acc_t>(x_row[k]) * row_mult[k];
-    } else {
-      for (int64_t k = 0; k < k_size; ++k) out[k] = static_cast<acc_t>(x_row[k * sk]) * row_mult[k];
-    }
+    uint8_t* keep = bytes + (m - begin) * row_bytes;
+    dropout.row_bytes(m, keep);
+    dropout.apply(m, keep, x_data + m * x.stride(0), x.stride(1), acc_t(1), buffer + (m - begin) * k_size);
   }
 }
 
@@ -64,13 +57,15 @@ at::Tensor project_dropped(const at::Tensor& x, const at::Tensor& lora_A, const 
   const at::Tensor a_t = lora_A.to(acc_type).t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_project_dropped", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const RowDropout<acc_t> dropout(spec, k_size);
     at::parallel_for(0, (m_size + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
-      std::vector<acc_t> buffer(kRowBlock * k_size), mult(kRowBlock * k_size);
+      std::vector<acc_t> buffer(kRowBlock * k_size);
+      std::vector<uint8_t> bytes(kRowBlock * dropout.bytes_per_row());
       const at::Tensor buf = at::from_blob(buffer.data(), {kRowBlock, k_size}, at::TensorOptions().dtype(acc_type));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kRowBlock, end = std::min(m_size, begin + kRowBlock);
-        dropped_rows<scalar_t, acc_t>(x, spec, begin, end, buffer.data(), mult.data());
+        dropped_rows<scalar_t, acc_t>(x, dropout, begin, end, buffer.data(), bytes.data());
         at::Tensor out = xa.narrow(0, begin, end - begin);
         if (acc_type == x.scalar_type()) {
           at::mm_out(out, buf.narrow(0, 0, end - begin), a_t);
@@ -108,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   return {y, xa};
 }
 
-// One pass over row blocks of x for the masked terms of backward: grad_x += s·D⊙(g·A) (when
+// One pass over row blocks of x for the masked terms of backward: grad_x = s·D⊙(g·A) (when
 // wanted) and grad_A = s·gᵀ·(D⊙x), regenerating the mask once per row for both.
 template <typename scalar_t>
 at::Tensor masked_backward_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& lora_A, double scaling,
@@ -119,6 +114,8 @@ at::Tensor masked_backward_pass(const at::Tensor& x, const at::Tensor& g, const 
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(acc_type);
   const at::Tensor g_acc = g.to(acc_type);
   const at::Tensor a_acc = lora_A.to(acc_type);
+  const RowDropout<acc_t> dropout(spec, k_size);
+  const int64_t row_bytes = dropout.bytes_per_row();
   const int64_t n_blocks = (m_size + kRowBlock - 1) / kRowBlock;
   // Partial grad_A per thread-chunk, summed in a fixed order afterwards: deterministic for a
   // given thread count, and no float atomics.
@@ -126,22 +123,25 @@ at::Tensor masked_backward_pass(const at::Tensor& x, const at::Tensor& g, const 
   at::Tensor partials = at::zeros({n_chunks, r, k_size}, acc_opts);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
-    std::vector<acc_t> buffer(kRowBlock * k_size), mult(kRowBlock * k_size), term(kRowBlock * k_size);
+    std::vector<acc_t> buffer(kRowBlock * k_size), term(kRowBlock * k_size);
+    std::vector<uint8_t> bytes(kRowBlock * row_bytes);
     const at::Tensor buf = at::from_blob(buffer.data(), {kRowBlock, k_size}, acc_opts);
     const at::Tensor term_buf = at::from_blob(term.data(), {kRowBlock, k_size}, acc_opts);
     for (int64_t c = c0; c < c1; ++c) {
       at::Tensor partial = partials[c];
       for (int64_t b = c * n_blocks / n_chunks; b < (c + 1) * n_blocks / n_chunks; ++b) {
         const int64_t begin = b * kRowBlock, rows = std::min(m_size, begin + kRowBlock) - begin;
-        dropped_rows<scalar_t, acc_t>(x, spec, begin, begin + rows, buffer.data(), mult.data());
+        dropped_rows<scalar_t, acc_t>(x, dropout, begin, begin + rows, buffer.data(), bytes.data());
         const at::Tensor g_blk = g_acc.narrow(0, begin, rows);
         partial.addmm_(g_blk.t(), buf.narrow(0, 0, rows), 1.0, scaling);
         if (grad_x == nullptr) continue;
         at::Tensor term_blk = term_buf.narrow(0, 0, rows);
         at::mm_out(term_blk, g_blk, a_acc);
-        scalar_t* gx = grad_x->data_ptr<scalar_t>() + begin * k_size;
-        const acc_t s = static_cast<acc_t>(scaling);
-        for (int64_t i = 0; i < rows * k_size; ++i) gx[i] = static_cast<scalar_t>(s * term[i] * mult[i]);
+        scalar_t* gx = grad_x->data_ptr<scalar_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          dropout.apply(begin + i, bytes.data() + i * row_bytes, term.data() + i * k_size, 1,
+                        static_cast<acc_t>(scaling), gx + (begin + i) * k_size);
+        }
       }
     }
   });
@@ -161,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
               "lora_kernels: xa must be (M=", m_size, ", r=", lora_A.size(0), "), got ", xa.sizes());
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
   const at::Tensor g = at::mm(grad_y, lora_B);                           // (M, r)
-  const at::Tensor grad_b = at::mm(grad_y.t(), xa).mul_(scaling);        // (N, r)
+  // (N, r), as (xaᵀ·dY)ᵀ: BLAS reads dY along its rows, twice as fast here as dYᵀ·xa
+  const at::Tensor grad_b = at::mm(xa.t(), grad_y).mul_(scaling).t().contiguous();
   at::Tensor grad_x = compute_grad_x ? at::empty({m_size, k_size}, x.options()) : at::empty({0}, x.options());
   at::Tensor grad_a;
   if (spec.active) {
