@@ -19,6 +19,28 @@ namespace {
 
 constexpr int64_t kRowBlock = 32;  // rows per block: a 32 x K fp32 buffer stays in L2 for K <= 8192
 
+int64_t num_blocks(int64_t m_size) { return (m_size + kRowBlock - 1) / kRowBlock; }
+
+// At most one chunk of consecutive row blocks per thread.
+int64_t num_chunks(int64_t m_size) { return std::min<int64_t>(num_blocks(m_size), at::get_num_threads()); }
+
+// Calls fn(chunk, begin, rows) for every row block of [0, m_size), the chunks of num_chunks() in
+// parallel, each chunk's blocks in order. Per-chunk partial sums, added in chunk order after,
+// make the reductions deterministic for a given thread count without float atomics.
+template <typename Fn>
+void for_row_blocks_by_chunk(int64_t m_size, const Fn& fn) {
+  const int64_t n_blocks = num_blocks(m_size), n_chunks = num_chunks(m_size);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t b = c * n_blocks / n_chunks; b < (c + 1) * n_blocks / n_chunks; ++b) {
+        const int64_t begin = b * kRowBlock;
+        fn(c, begin, std::min(m_size, begin + kRowBlock) - begin);
+      }
+    }
+  });
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
   TORCH_CHECK(x.dim() == 2, "lora_kernels: x must be 2-D (M, K), got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "lora_kernels: weight must be (N, K=", x.size(1),
@@ -35,45 +57,55 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(x.device().is_cpu(), "lora_kernels: the cpu kernels need CPU tensors, got x on ", x.device());
 }
 
-// Rows [begin, end) of x with the dropout multipliers applied, in acc_t, into `buffer` (rows x
-// K, contiguous); `bytes` receives each row's keep bits (bytes_per_row() apart) for reuse.
+// Per-thread buffers for one row block of x: dropout(x) rows, g·A rows, and the rows' keep bits.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> dropped, term;
+  std::vector<uint8_t> bytes;
+};
+
+// Rows [begin, begin + rows) of dropout(x) in acc_t, (rows, K). With dropout on they are built
+// in `sc` (keep bits kept there for reuse); without, they are x's rows themselves.
 template <typename scalar_t, typename acc_t>
-void dropped_rows(const at::Tensor& x, const RowDropout<acc_t>& dropout, int64_t begin, int64_t end, acc_t* buffer,
-                  uint8_t* bytes) {
+at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, const RowDropout<acc_t>& dropout,
+                        int64_t begin, int64_t rows, RowScratch<acc_t>& sc) {
+  const at::ScalarType acc_type = at::CppTypeToScalarType<acc_t>::value;
+  if (!spec.active) return x.narrow(0, begin, rows).to(acc_type);
   const int64_t k_size = x.size(1), row_bytes = dropout.bytes_per_row();
+  sc.dropped.resize(kRowBlock * k_size);
+  sc.bytes.resize(kRowBlock * row_bytes);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  for (int64_t m = begin; m < end; ++m) {
-    uint8_t* keep = bytes + (m - begin) * row_bytes;
-    dropout.row_bytes(m, keep);
-    dropout.apply(m, keep, x_data + m * x.stride(0), x.stride(1), acc_t(1), buffer + (m - begin) * k_size);
+  for (int64_t i = 0; i < rows; ++i) {
+    uint8_t* keep = sc.bytes.data() + i * row_bytes;
+    dropout.row_bytes(begin + i, keep);
+    dropout.apply(begin + i, keep, x_data + (begin + i) * x.stride(0), x.stride(1), acc_t(1),
+                  sc.dropped.data() + i * k_size);
   }
+  return at::from_blob(sc.dropped.data(), {rows, k_size}, at::TensorOptions().dtype(acc_type));
 }
 
-// xa = dropout(x)·Aᵀ in one pass over x.
-at::Tensor project_dropped(const at::Tensor& x, const at::Tensor& lora_A, const DropoutSpec& spec) {
-  const int64_t m_size = x.size(0), k_size = x.size(1), r = lora_A.size(0);
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-  at::Tensor xa = at::empty({m_size, r}, x.options());
-  const at::Tensor a_t = lora_A.to(acc_type).t();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_project_dropped", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const RowDropout<acc_t> dropout(spec, k_size);
-    at::parallel_for(0, (m_size + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
-      std::vector<acc_t> buffer(kRowBlock * k_size);
-      std::vector<uint8_t> bytes(kRowBlock * dropout.bytes_per_row());
-      const at::Tensor buf = at::from_blob(buffer.data(), {kRowBlock, k_size}, at::TensorOptions().dtype(acc_type));
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * kRowBlock, end = std::min(m_size, begin + kRowBlock);
-        dropped_rows<scalar_t, acc_t>(x, dropout, begin, end, buffer.data(), bytes.data());
-        at::Tensor out = xa.narrow(0, begin, end - begin);
-        if (acc_type == x.scalar_type()) {
-          at::mm_out(out, buf.narrow(0, 0, end - begin), a_t);
-        } else {
-          out.copy_(at::mm(buf.narrow(0, 0, end - begin), a_t));
-        }
-      }
-    });
+// The LoRA half of forward, one pass over row blocks of x: xa = dropout(x)·Aᵀ and y = bias +
+// s·xa·Bᵀ, each block of y written to memory once while its xa rows are fresh.
+template <typename scalar_t>
+at::Tensor lora_forward_rows(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                             const at::Tensor& lora_B, double scaling, const DropoutSpec& spec, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m_size = x.size(0), k_size = x.size(1);
+  const at::Tensor a_t = lora_A.to(at::CppTypeToScalarType<acc_t>::value).t(), b_t = lora_B.t();
+  at::Tensor xa = at::empty({m_size, lora_A.size(0)}, x.options());
+  const RowDropout<acc_t> dropout(spec, k_size);
+  std::vector<RowScratch<acc_t>> scratch(num_chunks(m_size));
+  for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
+    const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropout, begin, rows, scratch[c]);
+    at::Tensor xa_blk = xa.narrow(0, begin, rows);
+    if (xa.scalar_type() == src.scalar_type()) {
+      at::mm_out(xa_blk, src, a_t);
+    } else {
+      xa_blk.copy_(at::mm(src, a_t));
+    }
+    at::Tensor y_blk = y.narrow(0, begin, rows);
+    at::addmm_out(y_blk, y_blk, xa_blk, b_t, 0.0, scaling);  // beta = 0: y's old contents ignored
+    if (bias.has_value()) y_blk.add_(*bias);
   });
   return xa;
 }
@@ -87,62 +119,76 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   check_common(x, weight, lora_A, lora_B);
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
   const int64_t m_size = x.size(0), n_size = weight.size(0);
-  const at::Tensor xa = spec.active ? project_dropped(x, lora_A, spec) : at::mm(x, lora_A.t());
-  // y = bias + s·xa·Bᵀ (a rank-r GEMM), then y += x·Wᵀ with beta = 1: the base GEMM reads the
-  // LoRA term in its epilogue instead of a separate add pass over M x N.
-  at::Tensor y = at::empty({m_size, n_size}, x.options());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_size && bias->scalar_type() == x.scalar_type(),
                 "lora_kernels: bias must be (N=", n_size, ",) of x's dtype, got ", bias->sizes(), " ",
                 bias->scalar_type());
-    at::addmm_out(y, *bias, xa, lora_B.t(), 1.0, scaling);
-  } else {
-    at::addmm_out(y, y, xa, lora_B.t(), 0.0, scaling);
   }
+  // y = bias + s·xa·Bᵀ, then y += x·Wᵀ with beta = 1: the base GEMM reads the LoRA term in its
+  // epilogue instead of a separate add pass over M x N.
+  at::Tensor y = at::empty({m_size, n_size}, x.options());
+  at::Tensor xa;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_forward_rows", [&] {
+    xa = lora_forward_rows<scalar_t>(x, bias, lora_A, lora_B, scaling, spec, y);
+  });
   y.addmm_(x, weight.t());
   return {y, xa};
 }
 
-// One pass over row blocks of x for the masked terms of backward: grad_x = s·D⊙(g·A) (when
-// wanted) and grad_A = s·gᵀ·(D⊙x), regenerating the mask once per row for both.
+// g = dY·B (M, r, in the accumulation type) and grad_B = s·dYᵀ·xa (N, r) from one pass over dY:
+// each row block of dY is read from memory once and hits L2 for its second product.
+std::tuple<at::Tensor, at::Tensor> grad_y_products(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                   const at::Tensor& xa, double scaling) {
+  const int64_t m_size = grad_y.size(0), n_size = grad_y.size(1), r = lora_B.size(1);
+  const at::ScalarType acc_type = at::toOpMathType(grad_y.scalar_type());
+  const at::TensorOptions acc_opts = grad_y.options().dtype(acc_type);
+  const at::Tensor b_acc = lora_B.to(acc_type), xa_acc = xa.to(acc_type);
+  at::Tensor g = at::empty({m_size, r}, acc_opts);
+  at::Tensor partials = at::zeros({num_chunks(m_size), r, n_size}, acc_opts);  // (xaᵀ·dY) per chunk
+  for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
+    const at::Tensor dy_blk = grad_y.narrow(0, begin, rows).to(acc_type);
+    at::Tensor g_blk = g.narrow(0, begin, rows);
+    at::mm_out(g_blk, dy_blk, b_acc);
+    partials[c].addmm_(xa_acc.narrow(0, begin, rows).t(), dy_blk);
+  });
+  return {g, partials.sum(0).mul_(scaling).t().contiguous().to(grad_y.scalar_type())};
+}
+
+// The x side of backward, one pass over row blocks of x with the mask regenerated once per row:
+// grad_A = s·gᵀ·dropout(x) and, when wanted, grad_x = s·D⊙(g·A) (the base GEMM adds dY·W later).
 template <typename scalar_t>
-at::Tensor masked_backward_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& lora_A, double scaling,
-                                const DropoutSpec& spec, at::Tensor* grad_x) {
+at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at::Tensor& lora_A, double scaling,
+                              const DropoutSpec& spec, at::Tensor* grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m_size = x.size(0), k_size = x.size(1), r = lora_A.size(0);
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const at::ScalarType acc_type = at::CppTypeToScalarType<acc_t>::value;
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(acc_type);
-  const at::Tensor g_acc = g.to(acc_type);
   const at::Tensor a_acc = lora_A.to(acc_type);
   const RowDropout<acc_t> dropout(spec, k_size);
-  const int64_t row_bytes = dropout.bytes_per_row();
-  const int64_t n_blocks = (m_size + kRowBlock - 1) / kRowBlock;
-  // Partial grad_A per thread-chunk, summed in a fixed order afterwards: deterministic for a
-  // given thread count, and no float atomics.
-  const int64_t n_chunks = std::min<int64_t>(n_blocks, at::get_num_threads());
-  at::Tensor partials = at::zeros({n_chunks, r, k_size}, acc_opts);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
-    std::vector<acc_t> buffer(kRowBlock * k_size), term(kRowBlock * k_size);
-    std::vector<uint8_t> bytes(kRowBlock * row_bytes);
-    const at::Tensor buf = at::from_blob(buffer.data(), {kRowBlock, k_size}, acc_opts);
-    const at::Tensor term_buf = at::from_blob(term.data(), {kRowBlock, k_size}, acc_opts);
-    for (int64_t c = c0; c < c1; ++c) {
-      at::Tensor partial = partials[c];
-      for (int64_t b = c * n_blocks / n_chunks; b < (c + 1) * n_blocks / n_chunks; ++b) {
-        const int64_t begin = b * kRowBlock, rows = std::min(m_size, begin + kRowBlock) - begin;
-        dropped_rows<scalar_t, acc_t>(x, dropout, begin, begin + rows, buffer.data(), bytes.data());
-        const at::Tensor g_blk = g_acc.narrow(0, begin, rows);
-        partial.addmm_(g_blk.t(), buf.narrow(0, 0, rows), 1.0, scaling);
-        if (grad_x == nullptr) continue;
-        at::Tensor term_blk = term_buf.narrow(0, 0, rows);
-        at::mm_out(term_blk, g_blk, a_acc);
-        scalar_t* gx = grad_x->data_ptr<scalar_t>();
-        for (int64_t i = 0; i < rows; ++i) {
-          dropout.apply(begin + i, bytes.data() + i * row_bytes, term.data() + i * k_size, 1,
-                        static_cast<acc_t>(scaling), gx + (begin + i) * k_size);
-        }
-      }
+  at::Tensor partials = at::zeros({num_chunks(m_size), r, k_size}, acc_opts);
+  std::vector<RowScratch<acc_t>> scratch(partials.size(0));
+  for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
+    RowScratch<acc_t>& sc = scratch[c];
+    const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropout, begin, rows, sc);
+    const at::Tensor g_blk = g.narrow(0, begin, rows);
+    partials[c].addmm_(g_blk.t(), src, 1.0, scaling);
+    if (grad_x == nullptr) return;
+    at::Tensor gx_blk = grad_x->narrow(0, begin, rows);
+    if (!spec.active && acc_type == x.scalar_type()) {
+      at::addmm_out(gx_blk, gx_blk, g_blk, a_acc, 0.0, scaling);
+      return;
+    }
+    sc.term.resize(kRowBlock * k_size);
+    at::Tensor term = at::from_blob(sc.term.data(), {rows, k_size}, acc_opts);
+    at::mm_out(term, g_blk, a_acc);
+    if (!spec.active) {
+      gx_blk.copy_(term.mul_(scaling));
+      return;
+    }
+    scalar_t* gx = grad_x->data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      dropout.apply(begin + i, sc.bytes.data() + i * dropout.bytes_per_row(), sc.term.data() + i * k_size, 1,
+                    static_cast<acc_t>(scaling), gx + (begin + i) * k_size);
     }
   });
   return partials.sum(0).to(x.scalar_type());
@@ -160,19 +206,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m_size && xa.size(1) == lora_A.size(0),
               "lora_kernels: xa must be (M=", m_size, ", r=", lora_A.size(0), "), got ", xa.sizes());
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
-  const at::Tensor g = at::mm(grad_y, lora_B);                           // (M, r)
-  // (N, r), as (xaᵀ·dY)ᵀ: BLAS reads dY along its rows, twice as fast here as dYᵀ·xa
-  const at::Tensor grad_b = at::mm(xa.t(), grad_y).mul_(scaling).t().contiguous();
+  const auto [g, grad_b] = grad_y_products(grad_y, lora_B, xa, scaling);  // g in the accumulation type
   at::Tensor grad_x = compute_grad_x ? at::empty({m_size, k_size}, x.options()) : at::empty({0}, x.options());
   at::Tensor grad_a;
-  if (spec.active) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_masked", [&] {
-      grad_a = masked_backward_pass<scalar_t>(x, g, lora_A, scaling, spec, compute_grad_x ? &grad_x : nullptr);
-    });
-  } else {
-    grad_a = at::mm(g.t(), x).mul_(scaling);
-    if (compute_grad_x) at::addmm_out(grad_x, grad_x, g, lora_A, 0.0, scaling);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_rows", [&] {
+    grad_a = lora_backward_rows<scalar_t>(x, g, lora_A, scaling, spec, compute_grad_x ? &grad_x : nullptr);
+  });
   // grad_x already holds the LoRA term; the base GEMM accumulates onto it (beta = 1).
   if (compute_grad_x) grad_x.addmm_(grad_y, weight);
   return {grad_x, grad_a, grad_b};
