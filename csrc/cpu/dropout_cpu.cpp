@@ -39,9 +39,10 @@ void keep_bytes_scalar(uint64_t seed, uint64_t first, int64_t count, uint32_t th
 }
 
 #if defined(__x86_64__)
-// gcc 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* helpers.
+// gcc 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* helpers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // (lo, hi) 32-bit halves of a * c for 16 lanes (a broadcast): vpmuludq on even and odd lanes.
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i c, __m512i& lo, __m512i& hi) {
   const __m512i even = _mm512_mul_epu32(a, c);
@@ -50,45 +51,61 @@ __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i c, _
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 
-// The same rounds as philox4x32_10 (csrc/dropout.h), 16 counters at a time.
-__attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_t first, int64_t count,
-                                                         uint32_t threshold, uint8_t* out) {
+// Keep bytes of 16 * kStreams consecutive groups from `first`: the same rounds as philox4x32_10
+// (csrc/dropout.h), 16 counters per vector, kStreams independent vectors interleaved so the
+// multiplies' latency overlaps.
+template <int kStreams>
+__attribute__((target("avx512f"))) inline void keep_bytes_avx512_block(uint64_t seed, uint64_t first,
+                                                                      uint32_t threshold, uint8_t* out) {
   const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(kPhiloxMulA));
   const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(kPhiloxMulB));
   const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF), thr = _mm512_set1_epi32(static_cast<int>(threshold));
-  int64_t i0 = 0;
-  for (; i0 + 16 <= count; i0 += 16) {
-    const uint64_t group = first + static_cast<uint64_t>(i0);
+  __m512i c0[kStreams], c1[kStreams], c2[kStreams], c3[kStreams];
+  for (int s = 0; s < kStreams; ++s) {
+    const uint64_t group = first + static_cast<uint64_t>(16 * s);
     const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
-    __m512i c0 = _mm512_add_epi32(base_lo, lane_index);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);  // the low word wrapped
+    c0[s] = _mm512_add_epi32(base_lo, lane_index);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[s], base_lo);  // the low word wrapped
     const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
-    __m512i c1 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    c1[s] = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+    c2[s] = _mm512_setzero_si512();
+    c3[s] = _mm512_setzero_si512();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int s = 0; s < kStreams; ++s) {
       __m512i lo_a, hi_a, lo_b, hi_b;
-      mulhilo16(mul_b, c2, lo_b, hi_b);
-      mulhilo16(mul_a, c0, lo_a, hi_a);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      c1 = lo_b;
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-      c3 = lo_a;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
+      mulhilo16(mul_b, c2[s], lo_b, hi_b);
+      mulhilo16(mul_a, c0[s], lo_a, hi_a);
+      c0[s] = _mm512_ternarylogic_epi32(hi_b, c1[s], key0, 0x96);  // three-way xor
+      c1[s] = lo_b;
+      c2[s] = _mm512_ternarylogic_epi32(hi_a, c3[s], key1, 0x96);
+      c3[s] = lo_a;
     }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  for (int s = 0; s < kStreams; ++s) {
     __m512i bits = _mm512_setzero_si512();
-    const __m512i words[4] = {c0, c1, c2, c3};
+    const __m512i words[4] = {c0[s], c1[s], c2[s], c3[s]};
     for (int w = 0; w < 4; ++w) {
       const __mmask16 keep_lo = _mm512_cmpge_epu32_mask(_mm512_and_si512(words[w], low16), thr);
       const __mmask16 keep_hi = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(words[w], 16), thr);
       bits = _mm512_mask_or_epi32(bits, keep_lo, bits, _mm512_set1_epi32(1 << (2 * w)));
       bits = _mm512_mask_or_epi32(bits, keep_hi, bits, _mm512_set1_epi32(1 << (2 * w + 1)));
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i0), _mm512_cvtepi32_epi8(bits));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * s), _mm512_cvtepi32_epi8(bits));
   }
-  keep_bytes_scalar(seed, first + static_cast<uint64_t>(i0), count - i0, threshold, out + i0);
+}
+
+__attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_t first, int64_t count,
+                                                         uint32_t threshold, uint8_t* out) {
+  int64_t i = 0;
+  for (; i + 64 <= count; i += 64) keep_bytes_avx512_block<4>(seed, first + static_cast<uint64_t>(i), threshold, out + i);
+  for (; i + 16 <= count; i += 16) keep_bytes_avx512_block<1>(seed, first + static_cast<uint64_t>(i), threshold, out + i);
+  keep_bytes_scalar(seed, first + static_cast<uint64_t>(i), count - i, threshold, out + i);
 }
 #pragma GCC diagnostic pop
 #endif
