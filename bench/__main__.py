@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--backends", nargs="+", default=None, help="default: every usable backend but reference")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 15 cpu, 50 cuda)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 30 cpu, 50 cuda)")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<dtype>.json)")
     return ap.parse_args(argv)
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     backends = args.backends or [b for b in lora_kernels.available_backends(device) if b != "reference"]
-    reps = args.reps or (50 if device.type == "cuda" else 15)
+    reps = args.reps or (50 if device.type == "cuda" else 30)
     meta = {"device": _device_name(device), "dtype": str(dtype), "rank": args.rank, "reps": reps,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), **_versions()}
     print(f"# {meta['device']} | {dtype} | r={args.rank} | torch {meta['torch']} | commit {meta['commit']}")
