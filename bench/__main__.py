@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 from typing import List
 
@@ -77,6 +78,11 @@ def _shapes(args, device) -> List[tuple]:
     return out
 
 
+def _file_stem(name: str) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'intel-xeon-processor': a file name without shell-hostile characters."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -103,7 +109,7 @@ def main(argv=None) -> dict:
     result = {"meta": meta, "rows": rows}
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
-        f"{meta['device'].split(' cpu x')[0].replace(' ', '_').lower()}-{device.type}-{str(dtype)[6:]}.json",
+        f"{_file_stem(meta['device'].split(' cpu x')[0])}-{device.type}-{str(dtype)[6:]}.json",
     )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
