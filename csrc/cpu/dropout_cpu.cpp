@@ -107,18 +107,51 @@ __attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_
   for (; i + 16 <= count; i += 16) keep_bytes_avx512_block<1>(seed, first + static_cast<uint64_t>(i), threshold, out + i);
   keep_bytes_scalar(seed, first + static_cast<uint64_t>(i), count - i, threshold, out + i);
 }
+
+__attribute__((target("avx512f"))) void masked_scale_avx512(const uint8_t* bits, const float* in, float mult,
+                                                           float* out, int64_t count) {
+  const __m512 m = _mm512_set1_ps(mult);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    uint16_t keep;
+    std::memcpy(&keep, bits + i / 8, sizeof(keep));
+    _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(in + i), m));
+  }
+  if (i < count) {  // fewer than 16 left: masked loads and stores stay inside the arrays
+    const int64_t n = count - i;
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
+    const uint32_t keep = bits[i / 8] | (n > 8 ? static_cast<uint32_t>(bits[i / 8 + 1]) << 8 : 0u);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, in + i);
+    _mm512_mask_storeu_ps(out + i, lanes, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep) & lanes, v, m));
+  }
+}
 #pragma GCC diagnostic pop
 #endif
+
+// LORA_KERNELS_NO_AVX512=1 forces the scalar loops (the tests check both give the same results).
+bool use_avx512() {
+#if defined(__x86_64__)
+  static const bool use = __builtin_cpu_supports("avx512f") && std::getenv("LORA_KERNELS_NO_AVX512") == nullptr;
+  return use;
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
 void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out) {
 #if defined(__x86_64__)
-  // LORA_KERNELS_NO_AVX512=1 forces the scalar loop (the tests check both give the same bits).
-  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("LORA_KERNELS_NO_AVX512") == nullptr;
-  if (use_avx512) return keep_bytes_avx512(seed, first, count, threshold, out);
+  if (use_avx512()) return keep_bytes_avx512(seed, first, count, threshold, out);
 #endif
   keep_bytes_scalar(seed, first, count, threshold, out);
+}
+
+void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count) {
+#if defined(__x86_64__)
+  if (use_avx512()) return masked_scale_avx512(bits, in, mult, out, count);
+#endif
+  for (int64_t i = 0; i < count; ++i) out[i] = ((bits[i / 8] >> (i % 8)) & 1) ? in[i] * mult : 0.0f;
 }
 
 namespace {

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dropout.h"
@@ -26,6 +27,10 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
 
 // out[i] = keep bits (bit j: lane j kept) of Philox group first + i, for i in [0, count).
 void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out);
+
+// out[i] = bit i of `bits` ? in[i] * mult : 0 for i in [0, count) (bit i: bits[i / 8] >> (i % 8)).
+// AVX-512: sixteen elements per masked multiply.
+void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count);
 
 // Dropout of the rows of a (*, cols) input: `row_bytes` regenerates the keep bits of one row (one
 // byte per group of 8 flat elements), `apply` multiplies a row by its multipliers (0 or 1/(1-p))
@@ -63,6 +68,12 @@ class RowDropout {
     int64_t k = 0;
     for (; k < head; ++k) one(k, table_[bytes[0]], static_cast<int>((start + k) % kLanesPerCall));
     const uint8_t* byte = bytes + (head > 0 ? 1 : 0);  // from here on, column k starts a group
+    if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float> && std::is_same_v<acc_t, float>) {
+      if (in_stride == 1) {
+        masked_scale(byte, in + k, factor * static_cast<float>(spec_.scale), out + k, cols_ - k);
+        return;
+      }
+    }
     if (in_stride == 1) {
       for (; k + kLanesPerCall <= cols_; k += kLanesPerCall, ++byte) {
         const acc_t* mult = table_[*byte].data();
