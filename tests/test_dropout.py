@@ -101,15 +101,26 @@ def test_no_dropout_draws_no_seed(backend, p, training):
 
 
 @needs_cpu_kernels
-def test_cpu_scalar_generator_matches_vector_one():
-    """LORA_KERNELS_NO_AVX512=1 forces the scalar Philox loop (read once per process, so in a
-    child process); its masks must equal the mirror's like the default (vector) path's."""
+def test_cpu_scalar_loops_match_the_reference():
+    """LORA_KERNELS_NO_AVX512=1 forces the scalar loops of the CPU dropout (Philox and the masked
+    multiply; read once per process, so in a child process): masks equal the mirror's, and the
+    fused forward and gradients equal the reference backend's with the same seed."""
     code = (
         "import torch, lora_kernels\n"
         "from lora_kernels.reference import dropout_keep_mask\n"
         "for seed, rows, cols, p in [(0, 3, 7, 0.1), (2**63 - 1, 17, 37, 0.5), (12345, 5, 1001, 0.9)]:\n"
         "    got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)\n"
         "    assert torch.equal(got, dropout_keep_mask(seed, rows, cols, p)), (seed, rows, cols, p)\n"
+        "x = torch.randn(70, 45, requires_grad=True)\n"
+        "w, b = torch.randn(30, 45), torch.randn(30)\n"
+        "a, bb = torch.randn(4, 45, requires_grad=True), torch.randn(30, 4, requires_grad=True)\n"
+        "outs = []\n"
+        "for backend in ('cpu', 'reference'):\n"
+        "    torch.manual_seed(3)\n"
+        "    y = lora_kernels.lora_linear(x, w, b, a, bb, 0.5, 0.3, backend=backend)\n"
+        "    outs.append((y, *torch.autograd.grad(y.square().sum(), (x, a, bb))))\n"
+        "for got, want in zip(*outs):\n"
+        "    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, LORA_KERNELS_NO_AVX512="1")
