@@ -20,7 +20,7 @@ import torch
 
 import lora_kernels
 from bench.cases import SHAPES, Case, parse_shape, providers
-from bench.harness import saved_activation_bytes, time_interleaved
+from bench.harness import device_name, saved_activation_bytes, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIB = 2**20
@@ -41,18 +41,6 @@ def _versions() -> dict:
     except (OSError, subprocess.CalledProcessError):
         out["commit"] = None
     return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} cpu x{torch.get_num_threads()} threads"
 
 
 def parse_args(argv=None):
@@ -89,7 +77,8 @@ def main(argv=None) -> dict:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     backends = args.backends or [b for b in lora_kernels.available_backends(device) if b != "reference"]
     reps = args.reps or (50 if device.type == "cuda" else 30)
-    meta = {"device": _device_name(device), "dtype": str(dtype), "rank": args.rank, "reps": reps,
+    threads = f" cpu x{torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    meta = {"device": device_name(device) + threads, "dtype": str(dtype), "rank": args.rank, "reps": reps,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), **_versions()}
     print(f"# {meta['device']} | {dtype} | r={args.rank} | torch {meta['torch']} | commit {meta['commit']}")
     print(f"# backends: {', '.join(backends)} | medians of {reps} interleaved calls; ratios from the same run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -9,6 +10,19 @@ from typing import Callable, Dict, List
 import torch
 
 from lora_kernels.memory import SavedActivationMeter
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (the architecture if unreadable)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return model
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:

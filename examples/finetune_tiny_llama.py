@@ -27,7 +27,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -44,6 +43,7 @@ if ROOT not in sys.path:  # run from a checkout without installing
 import lora_kernels  # noqa: E402
 from lora_kernels.backends import resolve  # noqa: E402
 from lora_kernels.memory import SavedActivationMeter  # noqa: E402
+from bench.harness import device_name  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -245,16 +245,8 @@ def interleaved_step_ms(models: Dict[str, torch.nn.Module], batch, device, reps)
 # --- report --------------------------------------------------------------------------------------------
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+def describe(device) -> str:
+    return device_name(device) + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
 
 
 def plot(result, path):
@@ -300,7 +292,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     backend = resolve(args.backend, device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"device {device_name(device)}; dtype {dtype}; lora_kernels backend {backend}", flush=True)
+    print(f"device {describe(device)}; dtype {dtype}; lora_kernels backend {backend}", flush=True)
 
     dataset = MarkovTokens(max(args.steps, 1) * args.batch, args.seq_len, args.vocab, args.seed)
     batch = first_batch(dataset, args.batch, device)
@@ -368,7 +360,7 @@ def main(argv=None):
     result = {
         "example": "finetune_tiny_llama",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
+        "device": describe(device),
         "backend": backend,
         "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "versions": {

@@ -202,3 +202,20 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 def cast_all(dtype: torch.dtype, tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
     """Differentiable casts (no copy when already `dtype`); None stays None."""
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def apply_plan(todo, report: PatchReport, fused_forward: Callable, backend: str, cast_adapters: bool) -> None:
+    """Install `fused_forward` on the (name, module) pairs a framework's `plan` selected."""
+    for name, module in todo:
+        report.already_patched += install(module, fused_forward, backend, cast_adapters)
+        report.patched.append(name)
+
+
+def patch_with(plan: Callable, apply: Callable, model: nn.Module, strict: bool, backend: str,
+               cast_adapters: bool) -> PatchReport:
+    """One framework's `patch`: plan, refuse under `strict` if any layer would be kept, apply."""
+    report, todo = plan(model, backend, cast_adapters)
+    if strict and report.num_kept:
+        raise strict_error(report)
+    apply(todo, report, backend, cast_adapters)
+    return report

@@ -117,9 +117,7 @@ def plan(model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
 
 def apply(todo, report: common.PatchReport, backend: str, cast_adapters: bool) -> None:
     """Patch the layers `plan` selected, recording them in `report`."""
-    for name, module in todo:
-        report.already_patched += common.install(module, _fused_forward, backend, cast_adapters)
-        report.patched.append(name)
+    common.apply_plan(todo, report, _fused_forward, backend, cast_adapters)
 
 
 def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_adapters: bool = False):
@@ -127,11 +125,7 @@ def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_ad
     `PatchReport`. Patching twice is harmless (options are updated). With `strict=True`, a
     ValueError lists the layers that cannot be served (and nothing is patched). See
     `lora_kernels.integrations.patch` for the options."""
-    report, todo = plan(model, backend, cast_adapters)
-    if strict and report.num_kept:
-        raise common.strict_error(report)
-    apply(todo, report, backend, cast_adapters)
-    return report
+    return common.patch_with(plan, apply, model, strict, backend, cast_adapters)
 
 
 def unpatch(model: nn.Module) -> int:

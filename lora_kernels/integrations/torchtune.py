@@ -74,18 +74,13 @@ def plan(model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
 
 
 def apply(todo, report: common.PatchReport, backend: str, cast_adapters: bool) -> None:
-    for name, module in todo:
-        report.already_patched += common.install(module, _fused_forward, backend, cast_adapters)
-        report.patched.append(name)
+    """Patch the layers `plan` selected, recording them in `report`."""
+    common.apply_plan(todo, report, _fused_forward, backend, cast_adapters)
 
 
 def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_adapters: bool = False):
     """Serve every torchtune `LoRALinear` in `model` by `lora_kernels.lora_linear`; returns a `PatchReport`."""
-    report, todo = plan(model, backend, cast_adapters)
-    if strict and report.num_kept:
-        raise common.strict_error(report)
-    apply(todo, report, backend, cast_adapters)
-    return report
+    return common.patch_with(plan, apply, model, strict, backend, cast_adapters)
 
 
 def unpatch(model: nn.Module) -> int:
