@@ -18,6 +18,9 @@ TORCH_LIBRARY(lora_kernels, m) {
       "float scaling, float dropout_p, Tensor? seed, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
   // The keep-mask (rows, cols) of the shared generator, on seed's device: for bit-exact tests.
   m.def("dropout_keep_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
+  // uint8 (count,): byte i holds the keep bits (bit j: lane j) of Philox group first_group + i; for
+  // tests of counters past 2**32 without a tensor that large.
+  m.def("dropout_keep_bits(Tensor seed, int first_group, int count, float dropout_p) -> Tensor");
 }
 
 // `import lora_kernels._C` loads this library, which registers the ops above.

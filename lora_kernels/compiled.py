@@ -37,3 +37,8 @@ def _fused_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
 @torch.library.register_fake("lora_kernels::dropout_keep_mask")
 def _dropout_keep_mask_fake(seed, rows, cols, dropout_p):
     return seed.new_empty(rows, cols, dtype=torch.bool)
+
+
+@torch.library.register_fake("lora_kernels::dropout_keep_bits")
+def _dropout_keep_bits_fake(seed, first_group, count, dropout_p):
+    return seed.new_empty(count, dtype=torch.uint8)

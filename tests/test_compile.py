@@ -44,6 +44,7 @@ def test_opcheck_compiled_ops():
         torch.ops.lora_kernels.fused_backward.default, (grad_y, x, weight, lora_A, lora_B, xa, 0.5, 0.2, seed, True)
     )
     torch.library.opcheck(torch.ops.lora_kernels.dropout_keep_mask.default, (seed, 5, 9, 0.3))
+    torch.library.opcheck(torch.ops.lora_kernels.dropout_keep_bits.default, (seed, 2**32 - 3, 9, 0.3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

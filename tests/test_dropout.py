@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.reference import dropout_keep_mask, philox4x32
+from lora_kernels.reference import dropout_keep_mask, dropout_threshold, philox4x32
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
 needs_cpu_kernels = pytest.mark.skipif("cpu" not in BACKENDS, reason="lora_kernels._C (cpu kernels) is not built")
@@ -100,6 +100,33 @@ def test_no_dropout_draws_no_seed(backend, p, training):
     torch.testing.assert_close(y, x)
 
 
+def mirror_keep_bits(seed, first_group, count, p):
+    """Byte i = keep bits of group first_group + i, from the Python mirror."""
+    groups = torch.arange(first_group, first_group + count, dtype=torch.int64)
+    words = torch.stack(philox4x32(groups, seed), dim=1)  # (count, 4)
+    lanes = torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], dim=2).reshape(count, 8)
+    keep = (lanes >= dropout_threshold(p)).to(torch.int64)
+    return (keep << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+# Counters whose low word wraps inside a vector of 16 (and a block of 64) groups, and far ones.
+LARGE_GROUPS = [(2**32 - 37, 150), (2**33 - 5, 70), (2**40 + 3, 17), (2**62 - 100, 200)]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("first_group,count", LARGE_GROUPS)
+def test_cpu_keep_bits_past_2_32_groups(first_group, count):
+    seed, p = 0x0123456789ABCDEF, 0.3
+    got = torch.ops.lora_kernels.dropout_keep_bits(torch.tensor([seed]), first_group, count, p)
+    assert torch.equal(got, mirror_keep_bits(seed, first_group, count, p))
+
+
+@needs_cpu_kernels
+def test_cpu_keep_bits_rejects_negative_ranges():
+    with pytest.raises(RuntimeError, match="first_group and count must be >= 0"):
+        torch.ops.lora_kernels.dropout_keep_bits(torch.tensor([1]), -1, 4, 0.3)
+
+
 @needs_cpu_kernels
 def test_cpu_scalar_loops_match_the_reference():
     """LORA_KERNELS_NO_AVX512=1 forces the scalar loops of the CPU dropout (Philox and the masked
@@ -121,8 +148,13 @@ def test_cpu_scalar_loops_match_the_reference():
         "    outs.append((y, *torch.autograd.grad(y.square().sum(), (x, a, bb))))\n"
         "for got, want in zip(*outs):\n"
         "    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)\n"
+        "from tests.test_dropout import LARGE_GROUPS, mirror_keep_bits\n"
+        "for first, count in LARGE_GROUPS:\n"
+        "    got = torch.ops.lora_kernels.dropout_keep_bits(torch.tensor([99]), first, count, 0.3)\n"
+        "    assert torch.equal(got, mirror_keep_bits(99, first, count, 0.3)), first\n"
         "print('ok')\n"
     )
     env = dict(os.environ, LORA_KERNELS_NO_AVX512="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

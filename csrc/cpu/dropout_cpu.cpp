@@ -176,9 +176,21 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t c
   return mask;
 }
 
+at::Tensor dropout_keep_bits_cpu(const at::Tensor& seed, int64_t first_group, int64_t count, double dropout_p) {
+  TORCH_CHECK(first_group >= 0 && count >= 0, "lora_kernels.dropout_keep_bits: first_group and count must be >= 0, got ",
+              first_group, " and ", count);
+  const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
+  at::Tensor bits = at::empty({count}, at::TensorOptions().dtype(at::kByte));
+  keep_bytes(spec.seed, static_cast<uint64_t>(first_group), count, spec.threshold, bits.data_ptr<uint8_t>());
+  return bits;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("dropout_keep_mask", &dropout_keep_mask_cpu); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
+  m.impl("dropout_keep_bits", &dropout_keep_bits_cpu);
+}
 
 }  // namespace cpu
 }  // namespace lora_kernels
