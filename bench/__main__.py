@@ -11,36 +11,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
-import subprocess
 from typing import List
 
 import torch
 
 import lora_kernels
 from bench.cases import SHAPES, Case, parse_shape, providers
-from bench.harness import device_name, saved_activation_bytes, time_interleaved
+from bench.harness import device_name, saved_activation_bytes, time_interleaved, versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIB = 2**20
-
-
-def _versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "lora_kernels": lora_kernels.__version__}
-    for name in ("triton", "peft"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    try:
-        out["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        out["commit"] = None
-    return out
 
 
 def parse_args(argv=None):
@@ -79,7 +60,7 @@ def main(argv=None) -> dict:
     reps = args.reps or (50 if device.type == "cuda" else 30)
     threads = f" cpu x{torch.get_num_threads()} threads" if device.type == "cpu" else ""
     meta = {"device": device_name(device) + threads, "dtype": str(dtype), "rank": args.rank, "reps": reps,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), **_versions()}
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), **versions("triton", "peft")}
     print(f"# {meta['device']} | {dtype} | r={args.rank} | torch {meta['torch']} | commit {meta['commit']}")
     print(f"# backends: {', '.join(backends)} | medians of {reps} interleaved calls; ratios from the same run")
     rows = []

@@ -1,14 +1,18 @@
-"""One timer and one saved-activation meter for every provider, so ratios are side by side."""
+"""One timer and one saved-activation meter for every provider, so ratios are side by side; and
+the device and version facts a results file records."""
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, List
 
 import torch
 
+import lora_kernels
 from lora_kernels.memory import SavedActivationMeter
 
 
@@ -23,6 +27,25 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return model
+
+
+def versions(*packages: str) -> dict:
+    """Versions of torch, python, lora_kernels and `packages` (None if not installed), and the
+    git commit of this checkout (None outside one): what a results file records."""
+    out = {"torch": torch.__version__, "python": platform.python_version(), "lora_kernels": lora_kernels.__version__}
+    for name in packages:
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    try:
+        out["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["commit"] = None
+    return out
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:

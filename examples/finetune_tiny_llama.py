@@ -43,7 +43,7 @@ if ROOT not in sys.path:  # run from a checkout without installing
 import lora_kernels  # noqa: E402
 from lora_kernels.backends import resolve  # noqa: E402
 from lora_kernels.memory import SavedActivationMeter  # noqa: E402
-from bench.harness import device_name  # noqa: E402
+from bench.harness import device_name, versions  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -363,10 +363,7 @@ def main(argv=None):
         "device": describe(device),
         "backend": backend,
         "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "versions": {
-            "torch": torch.__version__, "lora_kernels": lora_kernels.__version__,
-            "peft": __import__("peft").__version__, "transformers": __import__("transformers").__version__,
-        },
+        "versions": versions("peft", "transformers"),
         "config": config,
         "saved_activations_mib": mem,
         "saved_activation_ratios": {
