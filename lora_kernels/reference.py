@@ -138,16 +138,20 @@ def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx):
     """DESIGN §1 gradients: (dx (M, K) or None, dA (r, K), dB (N, r)); the mask is regenerated."""
-    g = dy @ lora_B  # (M, r)
+    # g and the rank-r products in fp32 for fp16/bf16, as the kernels do: a g rounded to 16 bits
+    # loses dA to cancellation when dropout scales x up.
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    g = dy.to(acc) @ lora_B.to(acc)  # (M, r)
     d = None
     if seed is not None:
         m, k = x2d.shape
-        d = dropout_multiplier(_seed_int(seed), m, k, dropout_p, x2d.dtype, x2d.device)
-    x_lora = x2d if d is None else x2d * d
-    grad_a = scaling * (g.t() @ x_lora)
-    grad_b = scaling * (dy.t() @ xa)
+        d = dropout_multiplier(_seed_int(seed), m, k, dropout_p, acc, x2d.device)
+    x_lora = x2d.to(acc) if d is None else x2d.to(acc) * d
+    grad_a = (scaling * (g.t() @ x_lora)).to(x2d.dtype)
+    grad_b = (scaling * (dy.to(acc).t() @ xa.to(acc))).to(x2d.dtype)
     grad_x = None
     if compute_dx:
-        lora_term = scaling * (g @ lora_A)
-        grad_x = dy @ weight + (lora_term if d is None else lora_term * d)
+        lora_term = scaling * (g @ lora_A.to(acc))
+        grad_x = (dy @ weight).to(acc) + (lora_term if d is None else lora_term * d)
+        grad_x = grad_x.to(x2d.dtype)
     return grad_x, grad_a, grad_b

@@ -71,9 +71,10 @@ def assert_close(actual, expected, dtype, name, baseline=None):
         if (actual - expected).abs().max().item() <= 2 * baseline_err + atol:
             return
     if bad.any():
-        err = (actual - expected).abs()
-        flat = int(err.nan_to_num(float("inf")).flatten().argmax())  # a NaN counts as the worst
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+        # the worst element relative to its own tolerance (a NaN counts as the worst)
+        excess = (actual - expected).abs() / (atol + rtol * expected.abs())
+        flat = int(excess.nan_to_num(float("inf")).flatten().argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), excess.shape))
         raise AssertionError(
             f"{name} ({dtype}): {int(bad.sum())}/{bad.numel()} elements off (atol={atol}, rtol={rtol}); "
             f"worst at {idx}: {actual[idx].item()} vs {expected[idx].item()}; "
