@@ -17,7 +17,7 @@ def _always(device: torch.device, dtype: Optional[torch.dtype] = None) -> Option
     return None
 
 
-def _compiled_reason(device_type: str) -> Callable[[torch.device], Optional[str]]:
+def _compiled_reason(device_type: str) -> Callable[..., Optional[str]]:
     def reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         if device.type != device_type:
             return f"it runs on {device_type} tensors, got {device.type}"

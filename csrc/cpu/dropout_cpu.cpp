@@ -163,14 +163,14 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t c
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   if (cols == 0) return mask;
   bool* data = mask.data_ptr<bool>();
-  const RowDropout<float> dropout(spec, cols);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> bytes(dropout.bytes_per_row());
-    std::vector<float> ones(cols, 1.0f), mult(cols);
-    for (int64_t m = begin; m < end; ++m) {
-      dropout.row_bytes(m, bytes.data());
-      dropout.apply(m, bytes.data(), ones.data(), 1, 1.0f, mult.data());
-      for (int64_t k = 0; k < cols; ++k) data[m * cols + k] = mult[k] != 0.0f;
+    // Groups of rows [begin, end): flat indices begin*cols .. end*cols - 1.
+    const uint64_t first = static_cast<uint64_t>(begin) * cols / kLanesPerCall;
+    const uint64_t last = (static_cast<uint64_t>(end) * cols - 1) / kLanesPerCall;
+    std::vector<uint8_t> bytes(last - first + 1);
+    keep_bytes(spec.seed, first, static_cast<int64_t>(bytes.size()), spec.threshold, bytes.data());
+    for (uint64_t i = static_cast<uint64_t>(begin) * cols; i < static_cast<uint64_t>(end) * cols; ++i) {
+      data[i] = (bytes[i / kLanesPerCall - first] >> (i % kLanesPerCall)) & 1;
     }
   });
   return mask;
