@@ -67,6 +67,18 @@ def test_shapes(backend, lead, k, n, r, p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "m,k,n,r",
+    [(70, 130, 67, 17), (45, 67, 200, 66), (9, 20, 33, 99), (33, 64, 64, 4), (7, 16, 16, 16), (100, 2048, 48, 16)],
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rank_and_width_tails(backend, m, k, n, r, p):
+    """fp32 around the edges of the CPU loops' tiles: 16-lane vectors, 64-column strips, 4/6/8-row
+    and 4-rank tiles, 32-row blocks; K = 2048 puts x's rows 2^k floats apart."""
+    run_case(backend, (m,), k, n, r, torch.float32, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize(
     "transform",

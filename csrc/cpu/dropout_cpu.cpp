@@ -1,9 +1,10 @@
 #include "cpu/dropout_cpu.h"
 
+#include "cpu/cpu_features.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -128,28 +129,18 @@ __attribute__((target("avx512f"))) void masked_scale_avx512(const uint8_t* bits,
 #pragma GCC diagnostic pop
 #endif
 
-// LORA_KERNELS_NO_AVX512=1 forces the scalar loops (the tests check both give the same results).
-bool use_avx512() {
-#if defined(__x86_64__)
-  static const bool use = __builtin_cpu_supports("avx512f") && std::getenv("LORA_KERNELS_NO_AVX512") == nullptr;
-  return use;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out) {
 #if defined(__x86_64__)
-  if (use_avx512()) return keep_bytes_avx512(seed, first, count, threshold, out);
+  if (cpu_has_avx512()) return keep_bytes_avx512(seed, first, count, threshold, out);
 #endif
   keep_bytes_scalar(seed, first, count, threshold, out);
 }
 
 void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count) {
 #if defined(__x86_64__)
-  if (use_avx512()) return masked_scale_avx512(bits, in, mult, out, count);
+  if (cpu_has_avx512()) return masked_scale_avx512(bits, in, mult, out, count);
 #endif
   for (int64_t i = 0; i < count; ++i) out[i] = ((bits[i / 8] >> (i % 8)) & 1) ? in[i] * mult : 0.0f;
 }

@@ -3,15 +3,19 @@
 // The large GEMMs go to ATen/BLAS; everything touching the dropout mask runs in row blocks
 // (at::parallel_for) whose dropped rows live only in a small per-thread buffer, so no M x K
 // mask or dropped copy of x is ever materialised. The LoRA term joins the base GEMM's output
-// through BLAS beta = 1 accumulation instead of another M x N pass.
+// through BLAS beta = 1 accumulation instead of another M x N pass. The rank-r products of a
+// block go to thin_matmul's AVX-512 loops for fp32 (ATen's per-call packing of A or B costs as
+// much as the product on a 32-row block) and to ATen otherwise.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dropout_cpu.h"
+#include "cpu/thin_matmul.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -20,6 +24,21 @@ namespace {
 constexpr int64_t kRowBlock = 32;  // rows per block: a 32 x K fp32 buffer stays in L2 for K <= 8192
 
 int64_t num_blocks(int64_t m_size) { return (m_size + kRowBlock - 1) / kRowBlock; }
+
+// Operands the thin_matmul loops stream row-parallel get rows this many floats longer than their
+// width: rows 2^k floats apart would all share one L1 set.
+constexpr int64_t kRowPad = 16;
+
+// t (rows, cols) copied into fp32 rows of cols + kRowPad floats; returned as the (rows, cols) view.
+at::Tensor padded_fp32(const at::Tensor& t) {
+  at::Tensor out = at::empty({t.size(0), t.size(1) + kRowPad}, t.options().dtype(at::kFloat));
+  return out.narrow(1, 0, t.size(1)).copy_(t);
+}
+
+// Zeroed per-chunk partial sums (chunks, rows, cols) in the accumulation type, rows padded.
+at::Tensor padded_partials(int64_t chunks, int64_t rows, int64_t cols, at::ScalarType acc_type) {
+  return at::zeros({chunks, rows, cols + kRowPad}, at::TensorOptions().dtype(acc_type)).narrow(2, 0, cols);
+}
 
 // At most one chunk of consecutive row blocks per thread.
 int64_t num_chunks(int64_t m_size) { return std::min<int64_t>(num_blocks(m_size), at::get_num_threads()); }
@@ -84,26 +103,46 @@ at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, const RowD
   return at::from_blob(sc.dropped.data(), {rows, k_size}, at::TensorOptions().dtype(acc_type));
 }
 
+// fp32 row blocks with a unit inner stride go to the thin_matmul loops; dropped rows always have
+// one (contiguous scratch), x's own rows when x does.
+template <typename scalar_t>
+bool use_thin(const at::Tensor& x, const DropoutSpec& spec) {
+  return std::is_same_v<scalar_t, float> && thin_matmul_enabled() && (spec.active || x.stride(1) == 1);
+}
+
 // The LoRA half of forward, one pass over row blocks of x: xa = dropout(x)·Aᵀ and y = bias +
 // s·xa·Bᵀ, each block of y written to memory once while its xa rows are fresh.
 template <typename scalar_t>
 at::Tensor lora_forward_rows(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                              const at::Tensor& lora_B, double scaling, const DropoutSpec& spec, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t m_size = x.size(0), k_size = x.size(1);
+  const int64_t m_size = x.size(0), k_size = x.size(1), n_size = y.size(1), r = lora_A.size(0);
   const at::Tensor a_t = lora_A.to(at::CppTypeToScalarType<acc_t>::value).t(), b_t = lora_B.t();
-  at::Tensor xa = at::empty({m_size, lora_A.size(0)}, x.options());
+  at::Tensor xa = at::empty({m_size, r}, x.options());
   const RowDropout<acc_t> dropout(spec, k_size);
   std::vector<RowScratch<acc_t>> scratch(num_chunks(m_size));
+  const bool thin = use_thin<scalar_t>(x, spec);
+  // The loops' operands: Aᵀ (K, r) contiguous, Bᵀ (r, N) with padded rows, bias contiguous.
+  const at::Tensor a_t_rows = thin ? a_t.contiguous() : a_t, b_t_rows = thin ? padded_fp32(b_t) : b_t;
+  const at::Tensor bias_rows = thin && bias.has_value() ? bias->contiguous() : at::Tensor();
   for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
     const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropout, begin, rows, scratch[c]);
     at::Tensor xa_blk = xa.narrow(0, begin, rows);
+    at::Tensor y_blk = y.narrow(0, begin, rows);
+    if (thin) {
+      matmul_to_thin(rows, k_size, r, src.const_data_ptr<float>(), src.stride(0), a_t_rows.const_data_ptr<float>(), r,
+                     xa_blk.data_ptr<float>(), r);
+      matmul_from_thin(rows, r, n_size, xa_blk.const_data_ptr<float>(), r, b_t_rows.const_data_ptr<float>(),
+                       b_t_rows.stride(0), static_cast<float>(scaling),
+                       bias_rows.defined() ? bias_rows.const_data_ptr<float>() : nullptr, y_blk.data_ptr<float>(),
+                       n_size);
+      return;
+    }
     if (xa.scalar_type() == src.scalar_type()) {
       at::mm_out(xa_blk, src, a_t);
     } else {
       xa_blk.copy_(at::mm(src, a_t));
     }
-    at::Tensor y_blk = y.narrow(0, begin, rows);
     at::addmm_out(y_blk, y_blk, xa_blk, b_t, 0.0, scaling);  // beta = 0: y's old contents ignored
     if (bias.has_value()) y_blk.add_(*bias);
   });
@@ -142,10 +181,19 @@ std::tuple<at::Tensor, at::Tensor> grad_y_products(const at::Tensor& grad_y, con
   const int64_t m_size = grad_y.size(0), n_size = grad_y.size(1), r = lora_B.size(1);
   const at::ScalarType acc_type = at::toOpMathType(grad_y.scalar_type());
   const at::TensorOptions acc_opts = grad_y.options().dtype(acc_type);
-  const at::Tensor b_acc = lora_B.to(acc_type), xa_acc = xa.to(acc_type);
+  const at::Tensor b_acc = lora_B.to(acc_type).contiguous(), xa_acc = xa.to(acc_type).contiguous();
   at::Tensor g = at::empty({m_size, r}, acc_opts);
-  at::Tensor partials = at::zeros({num_chunks(m_size), r, n_size}, acc_opts);  // (xaᵀ·dY) per chunk
+  at::Tensor partials = padded_partials(num_chunks(m_size), r, n_size, acc_type);  // (xaᵀ·dY) per chunk
+  const bool thin = grad_y.scalar_type() == at::kFloat && thin_matmul_enabled() && grad_y.stride(1) == 1;
   for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
+    if (thin) {
+      const float* dy = grad_y.const_data_ptr<float>() + begin * grad_y.stride(0);
+      matmul_to_thin(rows, n_size, r, dy, grad_y.stride(0), b_acc.const_data_ptr<float>(), r,
+                     g.data_ptr<float>() + begin * r, r);
+      accumulate_thin_t_times(rows, r, n_size, xa_acc.const_data_ptr<float>() + begin * r, r, dy, grad_y.stride(0),
+                              partials[c].data_ptr<float>(), partials.stride(1));
+      return;
+    }
     const at::Tensor dy_blk = grad_y.narrow(0, begin, rows).to(acc_type);
     at::Tensor g_blk = g.narrow(0, begin, rows);
     at::mm_out(g_blk, dy_blk, b_acc);
@@ -163,35 +211,51 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
   const int64_t m_size = x.size(0), k_size = x.size(1), r = lora_A.size(0);
   const at::ScalarType acc_type = at::CppTypeToScalarType<acc_t>::value;
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(acc_type);
-  const at::Tensor a_acc = lora_A.to(acc_type);
+  const bool thin = use_thin<scalar_t>(x, spec);
+  const at::Tensor a_acc = thin ? padded_fp32(lora_A) : lora_A.to(acc_type).contiguous();
   const RowDropout<acc_t> dropout(spec, k_size);
-  at::Tensor partials = at::zeros({num_chunks(m_size), r, k_size}, acc_opts);
+  at::Tensor partials = padded_partials(num_chunks(m_size), r, k_size, acc_type);  // (gᵀ·dropout(x)) per chunk
   std::vector<RowScratch<acc_t>> scratch(partials.size(0));
   for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
     RowScratch<acc_t>& sc = scratch[c];
     const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropout, begin, rows, sc);
     const at::Tensor g_blk = g.narrow(0, begin, rows);
-    partials[c].addmm_(g_blk.t(), src, 1.0, scaling);
+    if (thin) {
+      accumulate_thin_t_times(rows, r, k_size, g_blk.const_data_ptr<float>(), r, src.const_data_ptr<float>(),
+                              src.stride(0), partials[c].data_ptr<float>(), partials.stride(1));
+    } else {
+      partials[c].addmm_(g_blk.t(), src);
+    }
     if (grad_x == nullptr) return;
     at::Tensor gx_blk = grad_x->narrow(0, begin, rows);
-    if (!spec.active && acc_type == x.scalar_type()) {
-      at::addmm_out(gx_blk, gx_blk, g_blk, a_acc, 0.0, scaling);
+    if (!spec.active && acc_type == x.scalar_type()) {  // s·g·A straight into grad_x
+      if (thin) {
+        matmul_from_thin(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(),
+                         a_acc.stride(0), static_cast<float>(scaling), nullptr, gx_blk.data_ptr<float>(), k_size);
+      } else {
+        at::addmm_out(gx_blk, gx_blk, g_blk, a_acc, 0.0, scaling);
+      }
       return;
     }
-    sc.term.resize(kRowBlock * k_size);
+    sc.term.resize(kRowBlock * k_size);  // g·A in acc_t, then scaled (and masked) into grad_x
     at::Tensor term = at::from_blob(sc.term.data(), {rows, k_size}, acc_opts);
-    at::mm_out(term, g_blk, a_acc);
+    if (thin) {
+      matmul_from_thin(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(),
+                       a_acc.stride(0), 1.0f, nullptr, term.data_ptr<float>(), k_size);
+    } else {
+      at::mm_out(term, g_blk, a_acc);
+    }
     if (!spec.active) {
       gx_blk.copy_(term.mul_(scaling));
       return;
     }
-    scalar_t* gx = grad_x->data_ptr<scalar_t>();
+    scalar_t* gx = gx_blk.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) {
       dropout.apply(begin + i, sc.bytes.data() + i * dropout.bytes_per_row(), sc.term.data() + i * k_size, 1,
-                    static_cast<acc_t>(scaling), gx + (begin + i) * k_size);
+                    static_cast<acc_t>(scaling), gx + i * k_size);
     }
   });
-  return partials.sum(0).to(x.scalar_type());
+  return partials.sum(0).mul_(scaling).to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(

@@ -1,0 +1,271 @@
+#include "cpu/thin_matmul.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace lora_kernels {
+namespace cpu {
+
+#if defined(__x86_64__)
+namespace {
+
+// gcc 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* helpers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+constexpr int kLanes = 16;    // fp32 lanes in a zmm register
+constexpr int kMaxVecs = 4;   // column vectors per register tile: 64 columns
+
+// Lanes [0, n) of a vector, n in [1, 16].
+inline __mmask16 lanes_below(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Vectors covering `cols` columns from `col`, capped at kMaxVecs, and the last one's lanes.
+inline int vecs_at(int64_t col, int64_t cols) {
+  return static_cast<int>(std::min<int64_t>(kMaxVecs, (cols - col + kLanes - 1) / kLanes));
+}
+inline __mmask16 last_lanes(int64_t col, int64_t cols, int vecs) {
+  return lanes_below(std::min<int64_t>(kLanes, cols - col - static_cast<int64_t>(kLanes) * (vecs - 1)));
+}
+
+// Loads/stores vector v of a tile of V vectors, the last one through `last`.
+template <int V>
+__attribute__((target("avx512f"))) inline __m512 load_vec(const float* p, int v, __mmask16 last) {
+  return v + 1 < V ? _mm512_loadu_ps(p + kLanes * v) : _mm512_maskz_loadu_ps(last, p + kLanes * v);
+}
+template <int V>
+__attribute__((target("avx512f"))) inline void store_vec(float* p, int v, __mmask16 last, __m512 x) {
+  if (v + 1 < V) {
+    _mm512_storeu_ps(p + kLanes * v, x);
+  } else {
+    _mm512_mask_storeu_ps(p + kLanes * v, last, x);
+  }
+}
+
+// out[R rows, V vectors] = a[R rows, :k] · b[:k, V vectors]: a broadcast of a times a row of b.
+template <int R, int V>
+__attribute__((target("avx512f"))) void to_thin_tile(int64_t k, const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, __mmask16 last, float* out, int64_t ldo) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512 bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = load_vec<V>(b + kk * ldb, v, last);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + kk]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) store_vec<V>(out + i * ldo, v, last, acc[i][v]);
+}
+
+// Rows per tile: accumulators within ~24 of the 32 zmm registers, and at most 8 rows, so that
+// rows 2^k floats apart (one L1 set) plus the line of b fit the 12 ways of that set.
+template <int V>
+constexpr int to_thin_rows() {
+  return V <= 2 ? 8 : 6;
+}
+
+template <int V>
+__attribute__((target("avx512f"))) void to_thin_cols(int64_t rows, int64_t k, const float* a, int64_t lda,
+                                                    const float* b, int64_t ldb, __mmask16 last, float* out,
+                                                    int64_t ldo) {
+  constexpr int R = to_thin_rows<V>();
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) to_thin_tile<R, V>(k, a + i * lda, lda, b, ldb, last, out + i * ldo, ldo);
+  for (; i < rows; ++i) to_thin_tile<1, V>(k, a + i * lda, lda, b, ldb, last, out + i * ldo, ldo);
+}
+
+// out[R rows, V vectors] = bias + alpha · u[R rows, :r] · v[:r, V vectors].
+template <int R, int V>
+__attribute__((target("avx512f"))) void from_thin_tile(int64_t r, const float* u, int64_t ldu, const float* v,
+                                                      int64_t ldv, float alpha, const float* bias, __mmask16 last,
+                                                      float* out, int64_t ldo) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < r; ++j) {
+    __m512 vv[V];
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) vv[c] = load_vec<V>(v + j * ldv, c, last);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 ui = _mm512_set1_ps(u[i * ldu + j]);
+#pragma GCC unroll 8
+      for (int c = 0; c < V; ++c) acc[i][c] = _mm512_fmadd_ps(ui, vv[c], acc[i][c]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+  __m512 bv[V];
+#pragma GCC unroll 8
+  for (int c = 0; c < V; ++c) bv[c] = bias != nullptr ? load_vec<V>(bias, c, last) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) store_vec<V>(out + i * ldo, c, last, _mm512_fmadd_ps(acc[i][c], scale, bv[c]));
+}
+
+template <int V>
+__attribute__((target("avx512f"))) void from_thin_cols(int64_t rows, int64_t r, const float* u, int64_t ldu,
+                                                      const float* v, int64_t ldv, float alpha, const float* bias,
+                                                      __mmask16 last, float* out, int64_t ldo) {
+  constexpr int R = 6;  // 24 accumulators: 10 loads per 24 FMAs
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) {
+    from_thin_tile<R, V>(r, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+  }
+  for (; i < rows; ++i) from_thin_tile<1, V>(r, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+}
+
+// acc[J rows, V vectors] += u[:rows, J cols]ᵀ · a[:rows, V vectors]. With kPack the rows of a
+// are also copied to `pack` (ld kPackLd), so the caller's next tiles read them from there: the
+// rows of a user tensor are often 2^k floats apart and then share one L1 set, which 32 of them
+// overflow.
+constexpr int kPackRows = 32;
+constexpr int64_t kPackLd = kLanes * kMaxVecs;
+
+template <int J, int V, bool kPack>
+__attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* u, int64_t ldu, const float* a,
+                                                    int64_t lda, __mmask16 last, float* pack, float* acc,
+                                                    int64_t ld_acc) {
+  __m512 sum[J][V];
+#pragma GCC unroll 8
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) sum[j][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 av[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      av[v] = load_vec<V>(a + i * lda, v, last);
+      if (kPack) _mm512_store_ps(pack + i * kPackLd + kLanes * v, av[v]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const __m512 uj = _mm512_set1_ps(u[i * ldu + j]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) sum[j][v] = _mm512_fmadd_ps(uj, av[v], sum[j][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      float* p = acc + j * ld_acc;
+      store_vec<V>(p, v, last, _mm512_add_ps(load_vec<V>(p, v, last), sum[j][v]));
+    }
+}
+
+// The tile of rows [j, j + 4) of acc (fewer at the end of r).
+template <int V, bool kPack>
+__attribute__((target("avx512f"))) void t_times_tile_at(int64_t j, int64_t r, int64_t rows, const float* u,
+                                                       int64_t ldu, const float* a, int64_t lda, __mmask16 last,
+                                                       float* pack, float* acc, int64_t ld_acc) {
+  u += j;
+  acc += j * ld_acc;
+  switch (std::min<int64_t>(4, r - j)) {
+    case 4: return t_times_tile<4, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc);
+    case 3: return t_times_tile<3, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc);
+    case 2: return t_times_tile<2, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc);
+    default: return t_times_tile<1, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc);
+  }
+}
+
+// Up to kPackRows rows: the first tile reads a and packs it, the others read the pack.
+template <int V>
+__attribute__((target("avx512f"))) void t_times_rows(int64_t rows, int64_t r, const float* u, int64_t ldu,
+                                                    const float* a, int64_t lda, __mmask16 last, float* acc,
+                                                    int64_t ld_acc) {
+  alignas(64) float pack[kPackRows * kPackLd];
+  t_times_tile_at<V, true>(0, r, rows, u, ldu, a, lda, last, pack, acc, ld_acc);
+  for (int64_t j = 4; j < r; j += 4) {
+    t_times_tile_at<V, false>(j, r, rows, u, ldu, pack, kPackLd, last, nullptr, acc, ld_acc);
+  }
+}
+
+template <int V>
+__attribute__((target("avx512f"))) void t_times_cols(int64_t rows, int64_t r, const float* u, int64_t ldu,
+                                                    const float* a, int64_t lda, __mmask16 last, float* acc,
+                                                    int64_t ld_acc) {
+  for (int64_t i = 0; i < rows; i += kPackRows) {
+    t_times_rows<V>(std::min<int64_t>(kPackRows, rows - i), r, u + i * ldu, ldu, a + i * lda, lda, last, acc, ld_acc);
+  }
+}
+
+// Calls cols_fn<V>(col, last) for each strip of up to kMaxVecs vectors of [0, cols).
+template <typename Fn>
+void for_column_strips(int64_t cols, const Fn& cols_fn) {
+  for (int64_t col = 0; col < cols; col += kLanes * kMaxVecs) {
+    const int vecs = vecs_at(col, cols);
+    const __mmask16 last = last_lanes(col, cols, vecs);
+    switch (vecs) {
+      case 1: cols_fn(std::integral_constant<int, 1>{}, col, last); break;
+      case 2: cols_fn(std::integral_constant<int, 2>{}, col, last); break;
+      case 3: cols_fn(std::integral_constant<int, 3>{}, col, last); break;
+      default: cols_fn(std::integral_constant<int, 4>{}, col, last); break;
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+}  // namespace
+
+void matmul_to_thin(int64_t rows, int64_t k, int64_t r, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* out, int64_t ldo) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: matmul_to_thin needs AVX-512");
+  for_column_strips(r, [&](auto vecs, int64_t col, __mmask16 last) {
+    to_thin_cols<decltype(vecs)::value>(rows, k, a, lda, b + col, ldb, last, out + col, ldo);
+  });
+}
+
+void matmul_from_thin(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* v, int64_t ldv,
+                      float alpha, const float* bias, float* out, int64_t ldo) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: matmul_from_thin needs AVX-512");
+  for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
+    from_thin_cols<decltype(vecs)::value>(rows, r, u, ldu, v + col, ldv, alpha, bias == nullptr ? nullptr : bias + col,
+                                          last, out + col, ldo);
+  });
+}
+
+void accumulate_thin_t_times(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
+                             int64_t lda, float* acc, int64_t ld_acc) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: accumulate_thin_t_times needs AVX-512");
+  for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
+    t_times_cols<decltype(vecs)::value>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc);
+  });
+}
+
+#else  // no x86: thin_matmul_enabled() is false and callers use ATen
+
+void matmul_to_thin(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "lora_kernels: matmul_to_thin needs AVX-512");
+}
+void matmul_from_thin(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, const float*,
+                      float*, int64_t) {
+  TORCH_CHECK(false, "lora_kernels: matmul_from_thin needs AVX-512");
+}
+void accumulate_thin_t_times(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
+                             int64_t) {
+  TORCH_CHECK(false, "lora_kernels: accumulate_thin_t_times needs AVX-512");
+}
+
+#endif
+
+}  // namespace cpu
+}  // namespace lora_kernels
