@@ -60,9 +60,11 @@ def main(argv=None) -> dict:
     reps = args.reps or (50 if device.type == "cuda" else 30)
     threads = f" cpu x{torch.get_num_threads()} threads" if device.type == "cpu" else ""
     meta = {"device": device_name(device) + threads, "dtype": str(dtype), "rank": args.rank, "reps": reps,
+            "order": "interleaved, shuffled each round (seed 0)",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), **versions("triton", "peft")}
     print(f"# {meta['device']} | {dtype} | r={args.rank} | torch {meta['torch']} | commit {meta['commit']}")
-    print(f"# backends: {', '.join(backends)} | medians of {reps} interleaved calls; ratios from the same run")
+    print(f"# backends: {', '.join(backends)} | medians of {reps} interleaved calls (order shuffled each round); "
+          "ratios from the same run")
     rows = []
     for m, k, n in _shapes(args, device):
         for p in args.dropout:

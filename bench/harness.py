@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -62,18 +63,25 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> Dict[str, dict]:
-    """Median/p20/p80 seconds per name. Calls alternate between names each repetition, so drift
-    (thermal, other load) hits every provider alike and the ratios stay fair."""
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2, seed: int = 0
+) -> Dict[str, dict]:
+    """Median/p20/p80 seconds per name. Every repetition calls each name once, in an order
+    shuffled per repetition (seeded): drift (thermal, other load) hits every provider alike, and
+    no provider always runs right after the same one (whose dirty cache lines and freed memory
+    the next call inherits: on the CPU that alone moved a ratio by ~1%)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(_time_once(fn, device))
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(_time_once(fns[name], device))
     out = {}
     for name, xs in samples.items():
         q = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [xs[0]] * 4
