@@ -130,12 +130,11 @@ at::Tensor lora_forward_rows(const at::Tensor& x, const c10::optional<at::Tensor
     at::Tensor xa_blk = xa.narrow(0, begin, rows);
     at::Tensor y_blk = y.narrow(0, begin, rows);
     if (thin) {
-      matmul_to_thin(rows, k_size, r, src.const_data_ptr<float>(), src.stride(0), a_t_rows.const_data_ptr<float>(), r,
-                     xa_blk.data_ptr<float>(), r);
-      matmul_from_thin(rows, r, n_size, xa_blk.const_data_ptr<float>(), r, b_t_rows.const_data_ptr<float>(),
-                       b_t_rows.stride(0), static_cast<float>(scaling),
-                       bias_rows.defined() ? bias_rows.const_data_ptr<float>() : nullptr, y_blk.data_ptr<float>(),
-                       n_size);
+      thin_matmul(rows, k_size, r, src.const_data_ptr<float>(), src.stride(0), a_t_rows.const_data_ptr<float>(), r,
+                  1.0f, nullptr, xa_blk.data_ptr<float>(), r);
+      thin_matmul(rows, r, n_size, xa_blk.const_data_ptr<float>(), r, b_t_rows.const_data_ptr<float>(),
+                  b_t_rows.stride(0), static_cast<float>(scaling),
+                  bias_rows.defined() ? bias_rows.const_data_ptr<float>() : nullptr, y_blk.data_ptr<float>(), n_size);
       return;
     }
     if (xa.scalar_type() == src.scalar_type()) {
@@ -188,9 +187,9 @@ std::tuple<at::Tensor, at::Tensor> grad_y_products(const at::Tensor& grad_y, con
   for_row_blocks_by_chunk(m_size, [&](int64_t c, int64_t begin, int64_t rows) {
     if (thin) {
       const float* dy = grad_y.const_data_ptr<float>() + begin * grad_y.stride(0);
-      matmul_to_thin(rows, n_size, r, dy, grad_y.stride(0), b_acc.const_data_ptr<float>(), r,
-                     g.data_ptr<float>() + begin * r, r);
-      accumulate_thin_t_times(rows, r, n_size, xa_acc.const_data_ptr<float>() + begin * r, r, dy, grad_y.stride(0),
+      thin_matmul(rows, n_size, r, dy, grad_y.stride(0), b_acc.const_data_ptr<float>(), r, 1.0f, nullptr,
+                  g.data_ptr<float>() + begin * r, r);
+      thin_matmul_t_accumulate(rows, r, n_size, xa_acc.const_data_ptr<float>() + begin * r, r, dy, grad_y.stride(0),
                               partials[c].data_ptr<float>(), partials.stride(1));
       return;
     }
@@ -221,8 +220,8 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
     const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropout, begin, rows, sc);
     const at::Tensor g_blk = g.narrow(0, begin, rows);
     if (thin) {
-      accumulate_thin_t_times(rows, r, k_size, g_blk.const_data_ptr<float>(), r, src.const_data_ptr<float>(),
-                              src.stride(0), partials[c].data_ptr<float>(), partials.stride(1));
+      thin_matmul_t_accumulate(rows, r, k_size, g_blk.const_data_ptr<float>(), r, src.const_data_ptr<float>(),
+                               src.stride(0), partials[c].data_ptr<float>(), partials.stride(1));
     } else {
       partials[c].addmm_(g_blk.t(), src);
     }
@@ -230,8 +229,8 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
     at::Tensor gx_blk = grad_x->narrow(0, begin, rows);
     if (!spec.active && acc_type == x.scalar_type()) {  // s·g·A straight into grad_x
       if (thin) {
-        matmul_from_thin(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(),
-                         a_acc.stride(0), static_cast<float>(scaling), nullptr, gx_blk.data_ptr<float>(), k_size);
+        thin_matmul(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(), a_acc.stride(0),
+                    static_cast<float>(scaling), nullptr, gx_blk.data_ptr<float>(), k_size);
       } else {
         at::addmm_out(gx_blk, gx_blk, g_blk, a_acc, 0.0, scaling);
       }
@@ -240,8 +239,8 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
     sc.term.resize(kRowBlock * k_size);  // g·A in acc_t, then scaled (and masked) into grad_x
     at::Tensor term = at::from_blob(sc.term.data(), {rows, k_size}, acc_opts);
     if (thin) {
-      matmul_from_thin(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(),
-                       a_acc.stride(0), 1.0f, nullptr, term.data_ptr<float>(), k_size);
+      thin_matmul(rows, r, k_size, g_blk.const_data_ptr<float>(), r, a_acc.const_data_ptr<float>(), a_acc.stride(0),
+                  1.0f, nullptr, term.data_ptr<float>(), k_size);
     } else {
       at::mm_out(term, g_blk, a_acc);
     }

@@ -47,60 +47,18 @@ __attribute__((target("avx512f"))) inline void store_vec(float* p, int v, __mmas
   }
 }
 
-// out[R rows, V vectors] = a[R rows, :k] · b[:k, V vectors]: a broadcast of a times a row of b.
+// out[R rows, V vectors] = bias + alpha · u[R rows, :inner] · v[:inner, V vectors]: each element
+// of u broadcast against a row of v.
 template <int R, int V>
-__attribute__((target("avx512f"))) void to_thin_tile(int64_t k, const float* a, int64_t lda, const float* b,
-                                                    int64_t ldb, __mmask16 last, float* out, int64_t ldo) {
-  __m512 acc[R][V];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    __m512 bv[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) bv[v] = load_vec<V>(b + kk * ldb, v, last);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i * lda + kk]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) store_vec<V>(out + i * ldo, v, last, acc[i][v]);
-}
-
-// Rows per tile: accumulators within ~24 of the 32 zmm registers, and at most 8 rows, so that
-// rows 2^k floats apart (one L1 set) plus the line of b fit the 12 ways of that set.
-template <int V>
-constexpr int to_thin_rows() {
-  return V <= 2 ? 8 : 6;
-}
-
-template <int V>
-__attribute__((target("avx512f"))) void to_thin_cols(int64_t rows, int64_t k, const float* a, int64_t lda,
-                                                    const float* b, int64_t ldb, __mmask16 last, float* out,
-                                                    int64_t ldo) {
-  constexpr int R = to_thin_rows<V>();
-  int64_t i = 0;
-  for (; i + R <= rows; i += R) to_thin_tile<R, V>(k, a + i * lda, lda, b, ldb, last, out + i * ldo, ldo);
-  for (; i < rows; ++i) to_thin_tile<1, V>(k, a + i * lda, lda, b, ldb, last, out + i * ldo, ldo);
-}
-
-// out[R rows, V vectors] = bias + alpha · u[R rows, :r] · v[:r, V vectors].
-template <int R, int V>
-__attribute__((target("avx512f"))) void from_thin_tile(int64_t r, const float* u, int64_t ldu, const float* v,
-                                                      int64_t ldv, float alpha, const float* bias, __mmask16 last,
-                                                      float* out, int64_t ldo) {
+__attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* u, int64_t ldu, const float* v,
+                                                   int64_t ldv, float alpha, const float* bias, __mmask16 last,
+                                                   float* out, int64_t ldo) {
   __m512 acc[R][V];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
     for (int c = 0; c < V; ++c) acc[i][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < r; ++j) {
+  for (int64_t j = 0; j < inner; ++j) {
     __m512 vv[V];
 #pragma GCC unroll 8
     for (int c = 0; c < V; ++c) vv[c] = load_vec<V>(v + j * ldv, c, last);
@@ -121,16 +79,23 @@ __attribute__((target("avx512f"))) void from_thin_tile(int64_t r, const float* u
     for (int c = 0; c < V; ++c) store_vec<V>(out + i * ldo, c, last, _mm512_fmadd_ps(acc[i][c], scale, bv[c]));
 }
 
+// Rows per tile: ~24 accumulators of the 32 zmm registers (10 loads per 24 FMAs at V = 4), and at
+// most 8 rows, so that rows of u 2^k floats apart (one L1 set) plus v's line fit the set's 12 ways.
 template <int V>
-__attribute__((target("avx512f"))) void from_thin_cols(int64_t rows, int64_t r, const float* u, int64_t ldu,
-                                                      const float* v, int64_t ldv, float alpha, const float* bias,
-                                                      __mmask16 last, float* out, int64_t ldo) {
-  constexpr int R = 6;  // 24 accumulators: 10 loads per 24 FMAs
+constexpr int matmul_tile_rows() {
+  return V <= 2 ? 8 : 6;
+}
+
+template <int V>
+__attribute__((target("avx512f"))) void matmul_cols(int64_t rows, int64_t inner, const float* u, int64_t ldu,
+                                                   const float* v, int64_t ldv, float alpha, const float* bias,
+                                                   __mmask16 last, float* out, int64_t ldo) {
+  constexpr int R = matmul_tile_rows<V>();
   int64_t i = 0;
   for (; i + R <= rows; i += R) {
-    from_thin_tile<R, V>(r, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+    matmul_tile<R, V>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
   }
-  for (; i < rows; ++i) from_thin_tile<1, V>(r, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+  for (; i < rows; ++i) matmul_tile<1, V>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
 }
 
 // acc[J rows, V vectors] += u[:rows, J cols]ᵀ · a[:rows, V vectors]. With kPack the rows of a
@@ -226,26 +191,18 @@ void for_column_strips(int64_t cols, const Fn& cols_fn) {
 #pragma GCC diagnostic pop
 }  // namespace
 
-void matmul_to_thin(int64_t rows, int64_t k, int64_t r, const float* a, int64_t lda, const float* b, int64_t ldb,
-                    float* out, int64_t ldo) {
-  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: matmul_to_thin needs AVX-512");
-  for_column_strips(r, [&](auto vecs, int64_t col, __mmask16 last) {
-    to_thin_cols<decltype(vecs)::value>(rows, k, a, lda, b + col, ldb, last, out + col, ldo);
+void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v, int64_t ldv,
+                 float alpha, const float* bias, float* out, int64_t ldo) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul needs AVX-512");
+  for_column_strips(cols, [&](auto vecs, int64_t col, __mmask16 last) {
+    matmul_cols<decltype(vecs)::value>(rows, inner, u, ldu, v + col, ldv, alpha, bias == nullptr ? nullptr : bias + col,
+                                       last, out + col, ldo);
   });
 }
 
-void matmul_from_thin(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* v, int64_t ldv,
-                      float alpha, const float* bias, float* out, int64_t ldo) {
-  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: matmul_from_thin needs AVX-512");
-  for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
-    from_thin_cols<decltype(vecs)::value>(rows, r, u, ldu, v + col, ldv, alpha, bias == nullptr ? nullptr : bias + col,
-                                          last, out + col, ldo);
-  });
-}
-
-void accumulate_thin_t_times(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
-                             int64_t lda, float* acc, int64_t ld_acc) {
-  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: accumulate_thin_t_times needs AVX-512");
+void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
+                              int64_t lda, float* acc, int64_t ld_acc) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul_t_accumulate needs AVX-512");
   for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
     t_times_cols<decltype(vecs)::value>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc);
   });
@@ -253,16 +210,13 @@ void accumulate_thin_t_times(int64_t rows, int64_t r, int64_t n, const float* u,
 
 #else  // no x86: thin_matmul_enabled() is false and callers use ATen
 
-void matmul_to_thin(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {
-  TORCH_CHECK(false, "lora_kernels: matmul_to_thin needs AVX-512");
+void thin_matmul(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, const float*, float*,
+                 int64_t) {
+  TORCH_CHECK(false, "lora_kernels: thin_matmul needs AVX-512");
 }
-void matmul_from_thin(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, const float*,
-                      float*, int64_t) {
-  TORCH_CHECK(false, "lora_kernels: matmul_from_thin needs AVX-512");
-}
-void accumulate_thin_t_times(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
-                             int64_t) {
-  TORCH_CHECK(false, "lora_kernels: accumulate_thin_t_times needs AVX-512");
+void thin_matmul_t_accumulate(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
+                              int64_t) {
+  TORCH_CHECK(false, "lora_kernels: thin_matmul_t_accumulate needs AVX-512");
 }
 
 #endif

@@ -17,17 +17,15 @@ namespace cpu {
 
 inline bool thin_matmul_enabled() { return cpu_has_avx512(); }
 
-// out (rows, r) = a (rows, k) · b (k, r).
-void matmul_to_thin(int64_t rows, int64_t k, int64_t r, const float* a, int64_t lda, const float* b, int64_t ldb,
-                    float* out, int64_t ldo);
+// out (rows, cols) = bias (cols; none if null) + alpha · u (rows, inner) · v (inner, cols).
+// One of inner and cols is the rank: xa = x·Aᵀ and g = dY·B (cols = r), or s·xa·Bᵀ and s·g·A
+// (inner = r).
+void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v, int64_t ldv,
+                 float alpha, const float* bias, float* out, int64_t ldo);
 
-// out (rows, n) = bias (n; none if null) + alpha · u (rows, r) · v (r, n).
-void matmul_from_thin(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* v, int64_t ldv,
-                      float alpha, const float* bias, float* out, int64_t ldo);
-
-// acc (r, n) += uᵀ (r, rows) · a (rows, n), with u (rows, r).
-void accumulate_thin_t_times(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
-                             int64_t lda, float* acc, int64_t ld_acc);
+// acc (r, n) += uᵀ (r, rows) · a (rows, n), with u (rows, r): dB and dA per row block.
+void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
+                              int64_t lda, float* acc, int64_t ld_acc);
 
 }  // namespace cpu
 }  // namespace lora_kernels
