@@ -44,12 +44,14 @@ void keep_bytes_scalar(uint64_t seed, uint64_t first, int64_t count, uint32_t th
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-// (lo, hi) 32-bit halves of a * c for 16 lanes (a broadcast): vpmuludq on even and odd lanes.
+// (lo, hi) 32-bit halves of a * c for 16 lanes (a broadcast).
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i c, __m512i& lo, __m512i& hi) {
+  // vpmuludq multiplies the even lanes (64-bit products); the odd lanes are swapped down first.
+  // Lane swaps (p5) instead of 64-bit shifts (p0, where vpmuludq runs) keep the two ports even.
   const __m512i even = _mm512_mul_epu32(a, c);
-  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_shuffle_epi32(c, _MM_PERM_CDAB));
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
 }
 
 // Keep bytes of 16 * kStreams consecutive groups from `first`: the same rounds as philox4x32_10
