@@ -3,8 +3,9 @@
 // block costs about as much as the product; these AVX-512 loops read it in place from L1/L2.
 //
 // All matrices are row-major fp32 with a unit inner stride and the given leading dimension.
-// `v` and `acc` below are streamed row-parallel: give them a leading dimension that is not a
-// multiple of 1024 floats, or their rows share one L1 set (the callers pad their own copies).
+// A tile keeps every row of `v` (when inner is the rank) and of `acc` live at once: give those a
+// leading dimension that is not a multiple of 1024 floats, or the rows share one L1 set (the
+// callers pad their own copies).
 // Callers check thin_matmul_enabled() first and use ATen otherwise.
 #pragma once
 
