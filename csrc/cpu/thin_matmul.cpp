@@ -47,6 +47,27 @@ __attribute__((target("avx512f"))) inline void store_vec(float* p, int v, __mmas
   }
 }
 
+// The register tile of R x V vectors, zeroed.
+template <int R, int V>
+__attribute__((target("avx512f"))) inline void zero_tile(__m512 (&acc)[R][V]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) acc[i][c] = _mm512_setzero_ps();
+}
+
+// acc[i][c] += s[i * stride] · vec[c] for i < R, c < V: R scalars broadcast against V vectors.
+template <int R, int V>
+__attribute__((target("avx512f"))) inline void broadcast_fma(__m512 (&acc)[R][V], const float* s, int64_t stride,
+                                                            const __m512 (&vec)[V]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const __m512 si = _mm512_set1_ps(s[i * stride]);
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) acc[i][c] = _mm512_fmadd_ps(si, vec[c], acc[i][c]);
+  }
+}
+
 // out[R rows, V vectors] = bias + alpha · u[R rows, :inner] · v[:inner, V vectors]: each element
 // of u broadcast against a row of v.
 template <int R, int V>
@@ -54,20 +75,12 @@ __attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* 
                                                    int64_t ldv, float alpha, const float* bias, __mmask16 last,
                                                    float* out, int64_t ldo) {
   __m512 acc[R][V];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int c = 0; c < V; ++c) acc[i][c] = _mm512_setzero_ps();
+  zero_tile(acc);
   for (int64_t j = 0; j < inner; ++j) {
     __m512 vv[V];
 #pragma GCC unroll 8
     for (int c = 0; c < V; ++c) vv[c] = load_vec<V>(v + j * ldv, c, last);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const __m512 ui = _mm512_set1_ps(u[i * ldu + j]);
-#pragma GCC unroll 8
-      for (int c = 0; c < V; ++c) acc[i][c] = _mm512_fmadd_ps(ui, vv[c], acc[i][c]);
-    }
+    broadcast_fma(acc, u + j, ldu, vv);
   }
   const __m512 scale = _mm512_set1_ps(alpha);
   __m512 bv[V];
@@ -110,10 +123,7 @@ __attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* 
                                                     int64_t lda, __mmask16 last, float* pack, float* acc,
                                                     int64_t ld_acc) {
   __m512 sum[J][V];
-#pragma GCC unroll 8
-  for (int j = 0; j < J; ++j)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) sum[j][v] = _mm512_setzero_ps();
+  zero_tile(sum);
   for (int64_t i = 0; i < rows; ++i) {
     __m512 av[V];
 #pragma GCC unroll 8
@@ -121,12 +131,7 @@ __attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* 
       av[v] = load_vec<V>(a + i * lda, v, last);
       if (kPack) _mm512_store_ps(pack + i * kPackLd + kLanes * v, av[v]);
     }
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) {
-      const __m512 uj = _mm512_set1_ps(u[i * ldu + j]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) sum[j][v] = _mm512_fmadd_ps(uj, av[v], sum[j][v]);
-    }
+    broadcast_fma(sum, u + i * ldu, 1, av);
   }
 #pragma GCC unroll 8
   for (int j = 0; j < J; ++j)
