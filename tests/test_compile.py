@@ -1,11 +1,12 @@
-"""torch.library registration: opcheck on every op, and torch.compile(fullgraph=True) traces the
-public op (forward and backward) with no graph break."""
+"""torch.library registration: opcheck on every op, torch.compile(fullgraph=True) traces the
+public op (forward and backward) with no graph break, and the custom op's autograd equals the
+eager path's."""
 
 import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.ops import lora_linear_backward_op, lora_linear_op
+from lora_kernels.ops import _EagerLoRALinear, lora_linear_backward_op, lora_linear_op
 from helpers import assert_close, make_inputs
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
@@ -31,6 +32,23 @@ def test_opcheck_backward(backend, compute_grad_x):
     grad_y = torch.randn(3, 5, 10)
     args = (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa, s, p, seed, backend, compute_grad_x)
     torch.library.opcheck(lora_linear_backward_op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("lead", [(3, 5), (0,)], ids=["3x5", "empty"])
+def test_custom_op_autograd_equals_eager(backend, p, lead):
+    """Eager calls run a plain autograd.Function; torch.compile and torch.export trace the custom
+    op. Both must give the same y and the same gradients, the base weight's and bias's included."""
+    x, weight, bias, lora_A, lora_B = make_inputs(lead, 12, 10, 4, torch.float32)
+    inputs = (x, weight.requires_grad_(), bias.requires_grad_(), lora_A, lora_B)
+    args = (0.5, p, torch.tensor([42]) if p > 0 else None, backend)
+    y_op = lora_linear_op(*inputs, *args)[0]
+    y_eager = _EagerLoRALinear.apply(*inputs, *args)
+    assert torch.equal(y_op, y_eager)
+    grad_y = torch.randn(y_op.shape)
+    for got, want in zip(torch.autograd.grad(y_op, inputs, grad_y), torch.autograd.grad(y_eager, inputs, grad_y)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu kernels not built")
@@ -76,3 +94,14 @@ def _check_compiled_matches_eager(backend, compiler):
     assert_close(y, y_eager, torch.float32, "y")
     for name, got, want in zip(("grad_x", "grad_A", "grad_B"), grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_export_captures_the_custom_op(strict):
+    layer = lora_kernels.LoRALinear(24, 16, r=4, alpha=8, backend=BACKENDS[-1])
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 6, 24)
+    exported = torch.export.export(layer, (x,), strict=strict)
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.lora_kernels.lora_linear.default in targets
+    assert_close(exported.module()(x), layer(x), torch.float32, "y")
