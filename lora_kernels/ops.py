@@ -132,8 +132,8 @@ lora_linear_op.register_autograd(
 
 class _EagerLoRALinear(torch.autograd.Function):
     """The same forward, saved tensors and backward in eager mode, without the custom ops'
-    dispatcher and schema round trips (measured on a 64 x 64 layer, forward+backward: 0.14 ms
-    through the custom op, 0.10 ms through this, input checks included; F.linear 0.02 ms)."""
+    dispatcher and schema round trips (measured forward+backward of a 64 x 64 layer: lora_linear
+    took 0.17 ms through the custom op, 0.10 ms through this; F.linear 0.02 ms)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
