@@ -25,8 +25,8 @@ constexpr int64_t kRowBlock = 32;  // rows per block: a 32 x K fp32 buffer stays
 
 int64_t num_blocks(int64_t m_size) { return (m_size + kRowBlock - 1) / kRowBlock; }
 
-// Operands the thin_matmul loops stream row-parallel get rows this many floats longer than their
-// width: rows 2^k floats apart would all share one L1 set.
+// Operands whose rows a thin_matmul tile keeps live all at once (Bᵀ, A, the partial sums) get rows
+// this many floats longer than their width: rows 2^k floats apart would all share one L1 set.
 constexpr int64_t kRowPad = 16;
 
 // t (rows, cols) copied into fp32 rows of cols + kRowPad floats; returned as the (rows, cols) view.

@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -162,6 +163,7 @@ template <int V>
 __attribute__((target("avx512f"))) void t_times_rows(int64_t rows, int64_t r, const float* u, int64_t ldu,
                                                     const float* a, int64_t lda, __mmask16 last, float* acc,
                                                     int64_t ld_acc) {
+  if (r <= 4) return t_times_tile_at<V, false>(0, r, rows, u, ldu, a, lda, last, nullptr, acc, ld_acc);  // one tile
   alignas(64) float pack[kPackRows * kPackLd];
   t_times_tile_at<V, true>(0, r, rows, u, ldu, a, lda, last, pack, acc, ld_acc);
   for (int64_t j = 4; j < r; j += 4) {
