@@ -1,6 +1,8 @@
 # The two commands a newcomer needs; each sets itself up from nothing in ./.venv:
-#   make test    build lora_kernels (C++ always, CUDA when nvcc is found) and run the test suite
-#   make bench   the same set-up, then the benchmark table + JSON (bench/results/)
+#   make test    build lora_kernels (C++ always; CUDA where a GPU is visible or LORA_KERNELS_CUDA=1) and run the tests
+#   make bench   the same set-up, then the default benchmark (~2-3 min on a 2-core CPU): table, JSON + PNG in bench/out/
+# Other targets: setup, build, bench-full, sdist, sdist-check, lint, clean (`make help`).
+# To add a target: declare it in .PHONY, depend on `build` if it imports lora_kernels, and add a line to `help`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,11 +10,20 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 BENCH_ARGS ?=
 
-.PHONY: test bench setup build clean
+.PHONY: help setup build test bench bench-full sdist sdist-check lint clean
+
+help:
+	@echo "make test         set up ./.venv, build, run the test suite"
+	@echo "make bench        set up, build, default benchmark (bench/out/: JSON + PNG); BENCH_ARGS='...' passes options"
+	@echo "make bench-full   the long CPU benchmark (today's three shapes, ~30 min on 2 cores)"
+	@echo "make sdist        build dist/lora_kernels-<version>.tar.gz"
+	@echo "make sdist-check  build the sdist, check its contents, install it into a fresh venv and smoke-test it"
+	@echo "make lint         ruff check (installs ruff into ./.venv on first use)"
+	@echo "make clean        remove build outputs and benchmark scratch"
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -27,7 +38,21 @@ test: build
 	$(PY) -m pytest -q
 
 bench: build
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench --plot $(BENCH_ARGS)
+
+bench-full: build
+	$(PY) -m bench --full --plot $(BENCH_ARGS)
+
+sdist: setup
+	rm -rf dist
+	$(PY) -m build --sdist --outdir dist .
+
+sdist-check: sdist
+	PYTHON=$(PY) .ci/sdist-check dist/lora_kernels-*.tar.gz
+
+lint: setup
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check .
 
 clean:
-	rm -rf build lora_kernels/_C*.so *.egg-info
+	rm -rf build dist lora_kernels/_C*.so *.egg-info bench/out examples/out

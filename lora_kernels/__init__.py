@@ -3,6 +3,9 @@
 Public API: `lora_linear` (the op), `LoRALinear` (the module), `available_backends`.
 """
 
+# The one place the version is written: pyproject.toml reads it (statically) from here.
+__version__ = "0.1.0"
+
 from lora_kernels import _extension
 from lora_kernels.backends import available_backends
 from lora_kernels.integrations import patch, unpatch
@@ -10,7 +13,6 @@ from lora_kernels.modules import LoRALinear
 from lora_kernels.ops import lora_linear
 
 __all__ = ["lora_linear", "LoRALinear", "available_backends", "patch", "unpatch"]
-__version__ = "0.1.0"
 
 # Load the compiled ops now if they were built (a warning, not an error, if they fail to load).
 HAS_EXTENSION = _extension.load_error() is None
