@@ -17,7 +17,8 @@ only adds `LoRAKernelsCallback`. Measured:
   is fairer on a shared machine;
 * the loss curves and final losses.
 
-Writes <out>/finetune_tiny_llama.json and <out>/finetune_tiny_llama.png.
+Writes <out>/finetune_tiny_llama.json and <out>/finetune_tiny_llama.png (--out, default examples/out/;
+the committed run is in examples/results/, redrawn with --replot examples/results/finetune_tiny_llama.json).
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def parse_args(argv=None):
     ap.add_argument("--interleaved-reps", type=int, default=10, help="alternating fwd+bwd timings per model")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(ROOT, "examples", "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "examples", "out"),
+                    help="output directory (default examples/out/, not committed; the committed run is examples/results/)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only redraw the PNG of an earlier run's JSON (written next to it) and exit")
     return ap.parse_args(argv)
 
 
@@ -249,6 +253,30 @@ def describe(device) -> str:
     return device_name(device) + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
 
 
+def _time_panel(ax, result) -> None:
+    """Medians (whiskers p20-p80) of the time per optimizer step under the Trainer and of the
+    interleaved forward+backward, PEFT next to patched, each pair labelled with patched ÷ PEFT."""
+    groups = []
+    if all(name in result["runs"] for name in ("peft", "patched")):
+        groups.append(("Trainer step", {n: result["runs"][n]["time_per_step_ms"] for n in ("peft", "patched")}))
+    if result.get("interleaved_step_ms"):
+        groups.append(("fwd+bwd, interleaved", result["interleaved_step_ms"]))
+    for i, (title, stats) in enumerate(groups):
+        for j, (name, color) in enumerate((("peft", "tab:blue"), ("patched", "tab:orange"))):
+            t = stats[name]
+            lo, hi = t.get("p20", t["median"]), t.get("p80", t["median"])
+            bar = ax.bar(i + (j - 0.5) * 0.38, t["median"], 0.36, color=color, label=name if i == 0 else None,
+                         yerr=[[t["median"] - lo], [hi - t["median"]]], capsize=3)
+            ax.bar_label(bar, fmt="%.1f", padding=2, fontsize=8)
+        ratio = stats["patched"]["median"] / stats["peft"]["median"]
+        ax.text(i, max(stats[n].get("p80", stats[n]["median"]) for n in ("peft", "patched")) * 1.1,
+                f"patched ÷ PEFT = {ratio:.2f}×", ha="center", fontsize=9, fontweight="bold")
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+    ax.set(title="time, median (whiskers p20-p80)", ylabel="ms")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.legend(loc="lower right")
+
+
 def plot(result, path):
     import matplotlib
 
@@ -264,10 +292,9 @@ def plot(result, path):
     for name, style in (("peft", "-"), ("patched", "--")):
         if name in runs:
             axes[0].plot(range(1, len(runs[name]["loss"]) + 1), runs[name]["loss"], style, label=name)
-            step_ms = [s * 1e3 for s in runs[name]["step_s"]]
-            axes[1].plot(range(1, len(step_ms) + 1), step_ms, style, label=name)
     axes[0].set(title=f"training loss (p={p})", xlabel="step", ylabel="loss")
-    axes[1].set(title="time per step", xlabel="step", ylabel="ms")
+    axes[0].legend()
+    _time_panel(axes[1], result)
     mem = result["saved_activations_mib"]
     labels = ["PEFT p=0", f"PEFT p={p}", "patched p=0", f"patched p={p}"]
     values = [mem["peft_p0"], mem["peft_p"], mem["patched_p0"], mem["patched_p"]]
@@ -275,8 +302,6 @@ def plot(result, path):
     axes[2].bar_label(bars, fmt="%.1f")
     axes[2].set(title="saved activations, one forward", ylabel="MiB")
     axes[2].tick_params(axis="x", labelrotation=15)
-    for ax in axes[:2]:
-        ax.legend()
     fig.suptitle(
         f"{result['config']['model']} | {result['config']['dtype']} | {result['device']} | backend {result['backend']}",
         fontsize=9,
@@ -287,6 +312,12 @@ def plot(result, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            png_path = os.path.splitext(args.replot)[0] + ".png"
+            plot(json.load(f), png_path)
+        print(f"wrote {png_path}")
+        return None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     os.makedirs(args.out, exist_ok=True)
