@@ -11,14 +11,41 @@ import torch.nn.functional as F
 
 import lora_kernels
 
-# (M, K, N): M = flattened tokens; K, N = in/out features.
-SHAPES = {
-    "cpu": [(2048, 2048, 2048), (512, 4096, 4096), (512, 4096, 14336)],
-    "gpu": [(8192, 4096, 4096), (16384, 4096, 4096), (8192, 4096, 14336), (1, 4096, 4096), (16, 4096, 4096),
-            (64, 4096, 4096)],
-    "quick": [(256, 512, 512)],
-}
+@dataclass(frozen=True)
+class BenchSet:
+    """A named list of cases: every (M, K, N) shape × rank × dropout p, each timed `reps` rounds
+    (`small_reps` for decode-sized M ≤ 64, whose calls are cheap and noisy)."""
 
+    name: str
+    device_type: str
+    dtype: str
+    shapes: Tuple[Tuple[int, int, int], ...]  # (M, K, N): M = flattened tokens; K, N = in/out features
+    ranks: Tuple[int, ...]
+    dropouts: Tuple[float, ...]
+    reps: int
+    small_reps: int
+    about: str
+
+    def reps_for(self, m: int) -> int:
+        return self.small_reps if m <= 64 else self.reps
+
+
+LLAMA_8B = ((8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096))  # attention proj, MLP up, MLP down
+SETS = {
+    "cpu": BenchSet(
+        "cpu", "cpu", "fp32", ((2048, 2048, 2048),), (16,), (0.0, 0.1), 20, 20,
+        "the default: the design's CPU target shape, under a minute on 2 idle cores",
+    ),
+    "cpu-full": BenchSet(
+        "cpu-full", "cpu", "fp32", ((2048, 2048, 2048), (512, 4096, 4096), (512, 4096, 14336)), (16,), (0.0, 0.1),
+        30, 30, "the long CPU run behind the README's table (--full; ~30 min on 2 cores)",
+    ),
+    "gpu": BenchSet(
+        "gpu", "cuda", "bf16", LLAMA_8B + ((1, 4096, 4096), (16, 4096, 4096)), (16, 64), (0.0, 0.1), 20, 100,
+        "Llama-8B-sized layers and decode (M = 1, 16): base vs PEFT vs triton vs cuda, ~5 min on an H100",
+    ),
+    "quick": BenchSet("quick", "any", "fp32", ((256, 512, 512),), (16,), (0.0, 0.1), 5, 5, "a smoke test, seconds"),
+}
 
 @dataclass
 class Case:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import platform
 import random
-import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -49,44 +48,64 @@ def versions(*packages: str) -> dict:
     return out
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call: CUDA events on a GPU, perf_counter on the CPU."""
+class _L2Flush:
+    """On a GPU, overwrite a buffer larger than L2 before each timed call (outside the timed span),
+    as triton.testing.do_bench does: otherwise a decode-sized layer's weights stay in L2 between
+    calls and every provider looks faster than in a model, where other layers evict them."""
+
+    def __init__(self, device: torch.device):
+        self.buffer = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+def _time_once(fn: Callable[[], object], device: torch.device, flush: _L2Flush) -> float:
+    """Milliseconds for one call: CUDA events on a GPU, perf_counter on the CPU."""
     if device.type == "cuda":
+        flush()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end)
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) * 1e3
 
 
 def time_interleaved(
-    fns: Dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2, seed: int = 0
-) -> Dict[str, dict]:
-    """Median/p20/p80 seconds per name. Every repetition calls each name once, in an order
-    shuffled per repetition (seeded): drift (thermal, other load) hits every provider alike, and
-    no provider always runs right after the same one (whose dirty cache lines and freed memory
-    the next call inherits: on the CPU that alone moved a ratio by ~1%)."""
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    reps: int,
+    warmup: int = 2,
+    seed: int = 0,
+    on_round: Optional[Callable[[], None]] = None,
+) -> Dict[str, List[float]]:
+    """Milliseconds per call, per name, one sample per round (sample i of every name comes from
+    round i, so per-round ratios compare calls made moments apart). Every round calls each name
+    once, in an order shuffled per round (seeded): drift (thermal, other load) hits every provider
+    alike, and no provider always runs right after the same one (whose dirty cache lines and freed
+    memory the next call inherits: on the CPU that alone moved a ratio by ~1%). `on_round` is
+    called after each round (progress)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    flush = _L2Flush(device)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     order = list(fns)
     rng = random.Random(seed)
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
-            samples[name].append(_time_once(fns[name], device))
-    out = {}
-    for name, xs in samples.items():
-        q = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [xs[0]] * 4
-        out[name] = {"median_ms": statistics.median(xs) * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3}
-    return out
+            samples[name].append(_time_once(fns[name], device, flush))
+        if on_round is not None:
+            on_round()
+    return samples
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], params, shared_input) -> dict:
