@@ -91,7 +91,6 @@ def extensions():
         return [], {}
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     try:
-        import torch
         from torch.utils import cpp_extension
     except ModuleNotFoundError:
         return [Extension("lora_kernels._C", sources=sources)], {"build_ext": TorchMissingBuildExt}

@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import re
-from typing import List
 
 import torch
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import lora_kernels
 
+
 @dataclass(frozen=True)
 class BenchSet:
     """A named list of cases: every (M, K, N) shape × rank × dropout p, each timed `reps` rounds

@@ -42,9 +42,9 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
 import lora_kernels  # noqa: E402
+from bench.harness import device_name, versions  # noqa: E402
 from lora_kernels.backends import resolve  # noqa: E402
 from lora_kernels.memory import SavedActivationMeter  # noqa: E402
-from bench.harness import device_name, versions  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -261,7 +261,7 @@ def _time_panel(ax, result) -> None:
         groups.append(("Trainer step", {n: result["runs"][n]["time_per_step_ms"] for n in ("peft", "patched")}))
     if result.get("interleaved_step_ms"):
         groups.append(("fwd+bwd, interleaved", result["interleaved_step_ms"]))
-    for i, (title, stats) in enumerate(groups):
+    for i, (_, stats) in enumerate(groups):
         for j, (name, color) in enumerate((("peft", "tab:blue"), ("patched", "tab:orange"))):
             t = stats[name]
             lo, hi = t.get("p20", t["median"]), t.get("p80", t["median"])

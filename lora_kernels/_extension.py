@@ -82,7 +82,7 @@ def cuda_build_expected() -> bool:
         return True  # forced: a build without them is a failure the tests should report
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_error() -> Optional[str]:
     """None when `lora_kernels._C` is loaded (its ops registered under torch.ops.lora_kernels),
     else why not (not built, or built against another torch/python)."""
