@@ -4,6 +4,7 @@ for eager calls, and dispatch to a backend from `lora_kernels.backends`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple
@@ -21,13 +22,33 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
+def _not_a_view(t: Tensor, shape) -> Tensor:
+    """t (contiguous) reshaped to `shape` as an ordinary tensor on the same storage, not a view:
+    in-place ops on a custom Function's output (`y += r`, ReLU(inplace=True)) are refused for views
+    created inside the Function."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, tuple(reversed(strides)))
+
+
+def _no_autocast(x: Tensor):
+    """Autocast off around a backend call: the kernels pick their own compute precision, and an
+    enclosing torch.autocast must not change their bits (nor those of `reference`)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tuple[Tensor, Tensor]:
     """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
-    y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0]), xa
+    with _no_autocast(x):
+        y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _not_a_view(y2d.contiguous(), (*x.shape[:-1], weight.shape[0])), xa
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
@@ -38,9 +59,10 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, b
         grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
         return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     dy = grad_y.reshape(-1, n).contiguous()
-    grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
-        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
-    )
+    with _no_autocast(x):
+        grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
+            dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
+        )
     grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
     return grad_x, grad_a, grad_b
 
@@ -143,7 +165,38 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: see _EagerBackward
+            return _EagerBackward.apply(grad_y, *ctx.saved_tensors, ctx)
         return _input_grads(_backward, ctx, grad_y)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "lora_kernels.lora_linear does not support double backward: its gradients were computed with "
+    "create_graph=True and are now being differentiated again. Use PEFT's unpatched layer "
+    "(lora_kernels.unpatch(model)) or lora_kernels.reference.lora_linear_eager for higher-order gradients."
+)
+
+
+class _EagerBackward(torch.autograd.Function):
+    """The eager backward as a node of its own under create_graph=True: the gradients depend on
+    grad_y and the saved x, weight, A, B, and differentiating them raises DOUBLE_BACKWARD_ERROR
+    instead of silently dropping the terms the kernels do not record."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, lora_A, lora_B, xa, seed, outer_ctx):
+        return _input_grads(_backward, outer_ctx, grad_y)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# The custom op path: differentiating lora_linear_backward raises the same error.
+lora_linear_backward_op.register_autograd(_double_backward)
 
 
 # --- input checks -------------------------------------------------------------------------------
