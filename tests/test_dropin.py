@@ -84,3 +84,66 @@ def test_create_graph_first_order_gradients_are_right(backend, path):
     want = torch.autograd.grad(want_y.square().sum(), (x, lora_A, lora_B))
     for g, w in zip(got, want):
         torch.testing.assert_close(g.detach(), w)
+
+
+# --- 3. NaN/Inf at dropped positions propagate (x * mask, as torch's dropout) ----------------
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# (K, x layout): fp32 rows on the vectorised path; strided x; rows that start mid Philox group.
+NAN_LAYOUTS = {"k64": (64, False), "k64-strided": (64, True), "k13-mid-group": (13, False)}
+
+
+def nan_case(layout, dtype, p=0.5, m=9, r=4, n=8):
+    """x (m, K) with NaN/Inf at dropped elements only, the seed, and the reference keep mask."""
+    k, strided = NAN_LAYOUTS[layout]
+    x, weight, bias, lora_A, lora_B = make_inputs((m,), k, n, r, dtype, requires_grad=False)
+    seed = draw_seed("cpu")
+    keep = lora_kernels.reference.dropout_keep_mask(int(seed), m, k, p)
+    x = x.clone()
+    for row in range(m):
+        dropped = (~keep[row]).nonzero().flatten()
+        if row % 3 != 2 and len(dropped):  # every third row stays finite
+            x[row, dropped[0]] = float("nan") if row % 2 else float("inf")
+    if strided:
+        x = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]  # same values, stride (2K, 2)
+        assert x.stride(1) == 2
+    return x, weight, bias, lora_A, lora_B, seed, keep
+
+
+def backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p, scaling=0.5):
+    impl = lora_kernels.backends.BACKENDS[backend].impl()
+    y, xa = impl.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    grad_y = torch.ones_like(y)
+    grad_x, grad_a, grad_b = impl.backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, True)
+    return {"xa": xa, "grad_x": grad_x, "grad_A": grad_a, "grad_B": grad_b}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NAN_LAYOUTS)
+def test_nan_and_inf_in_dropped_x_propagate(backend, dtype, layout):
+    p = 0.5
+    x, weight, bias, lora_A, lora_B, seed, keep = nan_case(layout, dtype, p)
+    want = backend_fwd_bwd("reference", x, weight, bias, lora_A, lora_B, seed, p)
+    got = backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p)
+    assert want["xa"].isnan().any(dim=1).tolist() == [row % 3 != 2 for row in range(x.shape[0])]
+    for name in ("xa", "grad_A", "grad_B"):
+        assert torch.equal(got[name].isnan(), want[name].isnan()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NAN_LAYOUTS)
+def test_nan_in_g_times_A_at_dropped_positions_propagates_to_grad_x(backend, dtype, layout):
+    """A NaN in column k of A makes (g·A)[:, k] NaN; grad_x = dY·W + s·D⊙(g·A) keeps it NaN for
+    every row, dropped or kept (torch: (g·A) * mask)."""
+    p = 0.5
+    x, weight, bias, lora_A, lora_B, seed, keep = nan_case(layout, dtype, p)
+    x = torch.where(x.isfinite(), x, torch.zeros((), dtype=dtype))  # finite x
+    col = 5
+    assert not keep[:, col].all() and keep[:, col].any()
+    lora_A = lora_A.clone()
+    lora_A[1, col] = float("nan")
+    got = backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p)
+    assert got["grad_x"][:, col].isnan().all()
+    assert not got["grad_x"][:, col + 1 :].isnan().any()
