@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.backends import BACKENDS, resolve
-from lora_kernels.reference import draw_seed
+from lora_kernels.reference import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -246,10 +246,15 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
+    if abs(scaling) > torch.finfo(x.dtype).max:  # the kernels scale in x's dtype (fp16/bf16 epilogues)
+        raise ValueError(
+            f"scaling = {scaling} is outside the range of x's dtype {x.dtype} (|scaling| <= "
+            f"{torch.finfo(x.dtype).max:g}); compute in a wider dtype or fold part of it into lora_B"
+        )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if not isinstance(backend, str):
@@ -271,15 +276,21 @@ def lora_linear(
 
     x: (..., K), any leading dims (0 rows too) and strides; weight: (N, K); bias: (N,) or None;
     lora_A: (r, K); lora_B: (N, r); all one dtype (fp16/bf16/fp32/fp64) on one device.
-    Returns y: (..., N). Dropout (inverted, rate `dropout_p`) applies to the LoRA branch only and
-    only when `training`; its mask is regenerated in backward from a seed drawn from the
-    generator of x's device (see `lora_kernels.reference` for the exact rule).
+    Returns y: (..., N). Dropout (inverted, rate `dropout_p` in [0, 1]) applies to the LoRA branch
+    only and only when `training`; its mask is regenerated in backward from a seed drawn from the
+    generator of x's device (see `lora_kernels.reference` for the exact rule, its 1/65536
+    resolution, and p >= 1 - 2^-17, which is served as p = 1: LoRA term and A/B gradients zero).
     `backend`: "auto" or one of `available_backends()`; "auto" picks the fastest for the device.
     Gradients flow to x, lora_A, lora_B, and to weight/bias when they require grad.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
     name = resolve(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
+    if p > 0.0 and dropout_threshold(p) >= DROP_ALL_THRESHOLD:
+        # Every element dropped (p = 1, or p so close to it that the 16-bit threshold rounds to
+        # 2^16): the LoRA term and the gradients of A and B are zero, as torch's dropout(p=1)
+        # gives. Served here, once, so no kernel divides by 1 - p = 0.
+        p, scaling = 0.0, 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     bias = bias.contiguous() if bias is not None else None
     args = (x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name)

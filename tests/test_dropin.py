@@ -9,23 +9,22 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.ops import lora_linear_op
-from lora_kernels.reference import draw_seed, lora_linear_eager
+from lora_kernels.reference import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold, lora_linear_eager
 from helpers import make_inputs
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
 
 
-def eager_path(x, weight, bias, lora_A, lora_B, scaling, p, backend):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend):
     return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend=backend)
 
 
-def op_path(x, weight, bias, lora_A, lora_B, scaling, p, backend):
-    seed = draw_seed(x.device) if p > 0 else None
-    return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p, seed, backend)[0]
-
-
-PATHS = {"eager": eager_path, "custom_op": op_path}
+@pytest.fixture(params=["eager", "custom_op"])
+def path(request, monkeypatch):
+    """The eager autograd.Function, or the custom op that lora_linear calls while torch.compile traces."""
+    if request.param == "custom_op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
 
 
 def plain_pytorch(x, weight, bias, lora_A, lora_B, scaling, p, backend):
@@ -37,7 +36,6 @@ def plain_pytorch(x, weight, bias, lora_A, lora_B, scaling, p, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2d", "3d"])
 def test_in_place_ops_on_the_output(backend, path, lead):
     x, weight, bias, lora_A, lora_B = make_inputs(lead, 16, 8, 4, torch.float64)
@@ -48,7 +46,7 @@ def test_in_place_ops_on_the_output(backend, path, lead):
         y += residual  # PEFT's mixed models do `result += ...` on a LoRA layer's output
         return torch.nn.ReLU(inplace=True)(y)
 
-    got = model(PATHS[path])
+    got = model(lora_linear)
     want = model(plain_pytorch)
     torch.testing.assert_close(got, want)
     grads = torch.autograd.grad(got.square().sum(), (x, lora_A, lora_B))
@@ -61,12 +59,11 @@ def test_in_place_ops_on_the_output(backend, path, lead):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("loss", ["square", "sum"])  # grad_y requires grad / only x, A, B do
 def test_double_backward_raises_a_clear_error(backend, path, p, loss):
     x, weight, bias, lora_A, lora_B = make_inputs((6,), 16, 8, 4, torch.float64)
-    y = PATHS[path](x, weight, bias, lora_A, lora_B, 0.5, p, backend)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, backend)
     out = y.square().sum() if loss == "square" else y.sum()
     grad_x, grad_a = torch.autograd.grad(out, (x, lora_A), create_graph=True)
     with pytest.raises(RuntimeError, match="lora_linear does not support double backward"):
@@ -74,11 +71,10 @@ def test_double_backward_raises_a_clear_error(backend, path, p, loss):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", PATHS)
 def test_create_graph_first_order_gradients_are_right(backend, path):
     """create_graph=True alone (e.g. a penalty on other parameters) still gives the right first order."""
     x, weight, bias, lora_A, lora_B = make_inputs((6,), 16, 8, 4, torch.float64)
-    y = PATHS[path](x, weight, bias, lora_A, lora_B, 0.5, 0.0, backend)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, backend)
     got = torch.autograd.grad(y.square().sum(), (x, lora_A, lora_B), create_graph=True)
     want_y = lora_linear_eager(x, weight, bias, lora_A, lora_B, 0.5)
     want = torch.autograd.grad(want_y.square().sum(), (x, lora_A, lora_B))
@@ -147,3 +143,102 @@ def test_nan_in_g_times_A_at_dropped_positions_propagates_to_grad_x(backend, dty
     got = backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p)
     assert got["grad_x"][:, col].isnan().all()
     assert not got["grad_x"][:, col + 1 :].isnan().any()
+
+
+# --- 4 and 8. p = 1, and p whose 16-bit threshold rounds to 2^16 ------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1.0, 1 - 2**-17, 0.999995])  # every one drops every element
+def test_p_that_drops_everything_is_served_as_p_equal_1(backend, path, p):
+    assert dropout_threshold(p) == DROP_ALL_THRESHOLD
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 5), 16, 8, 4, torch.float32)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, backend)
+    base = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(y, base)
+    grad_y = torch.randn_like(y)
+    grad_x, grad_a, grad_b = torch.autograd.grad(y, (x, lora_A, lora_B), grad_y)
+    assert not grad_a.any() and not grad_b.any()  # zeros, as torch's dropout(p=1) gives
+    torch.testing.assert_close(grad_x, grad_y @ weight)
+
+
+def test_p_just_below_the_drop_all_threshold_still_keeps_elements():
+    """The largest p with t < 2^16 keeps 1 lane value in 65536: not served as p = 1."""
+    p = 1 - 2**-17 - 1e-9
+    assert dropout_threshold(p) == DROP_ALL_THRESHOLD - 1
+    x, weight, bias, lora_A, lora_B = make_inputs((4096,), 64, 8, 4, torch.float64, requires_grad=False)
+    xa = lora_A.new_zeros(0)
+    seed = draw_seed("cpu")
+    _, xa = lora_kernels.reference.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+    assert xa.abs().sum() > 0  # ~4 of the 262144 elements are kept
+
+
+def test_kernels_reject_a_p_that_drops_everything():
+    if "cpu" not in BACKENDS:
+        pytest.skip("no cpu backend")
+    x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="drops every element"):
+        torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, 1.0, 0.999995, draw_seed("cpu"))
+
+
+# --- 5. scaling beyond the dtype's range --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,scaling", [(torch.float16, 1e5), (torch.bfloat16, 1e300), (torch.float32, -1e300)])
+def test_scaling_beyond_the_dtype_range_is_a_clear_error(backend, path, dtype, scaling):
+    x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, dtype)
+    with pytest.raises(ValueError, match=r"scaling .* outside the range of x's dtype"):
+        lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaling_at_the_fp16_limit_is_served(backend):
+    x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, torch.float16)
+    y = lora_linear(x, weight, bias, lora_A * 1e-3, lora_B * 1e-3, 65504.0, 0.0, backend)
+    assert y.isfinite().all()
+
+
+# --- 6. autocast around the call does not change the bits ---------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_autocast_does_not_change_the_bits(backend, path, p, dtype):
+    x, weight, bias, lora_A, lora_B = make_inputs((200,), 96, 40, 8, dtype)
+    grad_y = torch.randn(200, 40).to(dtype)
+
+    def run():
+        torch.manual_seed(7)
+        y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, backend)
+        return (y, *torch.autograd.grad(y, (x, lora_A, lora_B), grad_y))
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run()
+    for a, b in zip(plain, under):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_compiled_cpu_ops_exclude_autocast(p, dtype):
+    """The C++ ops called directly (no Python guard): their internal fp32 products must not be
+    autocast on the calling thread."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("no cpu backend")
+    x, weight, bias, lora_A, lora_B = make_inputs((200,), 96, 40, 8, dtype, requires_grad=False)
+    seed = draw_seed("cpu") if p else None
+    grad_y = torch.randn(200, 40).to(dtype)
+
+    def run():
+        y, xa = torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, 0.5, p, seed)
+        grads = torch.ops.lora_kernels.fused_backward(grad_y, x, weight, lora_A, lora_B, xa, 0.5, p, seed, True)
+        return (y, xa, *grads)
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run()
+    for a, b in zip(plain, under):
+        assert torch.equal(a, b)

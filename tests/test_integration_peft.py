@@ -554,3 +554,27 @@ def test_lora_and_adalora_mixed_model_adds_onto_the_fused_output():
     y, grads = run_mlp(patched, x)
     assert_tensors_close(y, y_ref, **FP32_TOL)
     assert_grads_close(grads, grads_ref, **FP32_TOL)
+
+
+def test_lora_dropout_1_is_served_like_peft(fused_calls):
+    plain, patched = peft_mlp(lora_dropout=1.0), peft_mlp(lora_dropout=1.0)
+    lora_kernels.patch(patched, strict=True)
+    x = torch.randn(3, 5, 32)
+    y_ref, grads_ref = run_mlp(plain, x)
+    y, grads = run_mlp(patched, x)
+    assert fused_calls.take() == 2
+    assert_tensors_close(y, y_ref, **FP32_TOL)
+    assert_grads_close(grads, grads_ref, **FP32_TOL)
+    assert all(not g.any() for name, g in grads.items() if "lora_" in name)
+
+
+def test_scaling_beyond_half_range_keeps_peft_forward(fused_calls):
+    plain, patched = peft_mlp(torch.float16), peft_mlp(torch.float16)
+    lora_kernels.patch(patched, strict=True)
+    for model in (plain, patched):
+        for layer in lora_layers(model):
+            layer.scaling["default"] = 1e300
+    x = torch.randn(3, 32, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), plain(x), atol=0, rtol=0, equal_nan=True)
+    assert fused_calls.take() == 0

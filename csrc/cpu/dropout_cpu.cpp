@@ -23,9 +23,12 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
   TORCH_CHECK(seed->device().is_cpu(), "lora_kernels: seed must be on the CPU for the cpu kernels, got ",
               seed->device());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_kernels: dropout_p must be in [0, 1), got ", dropout_p);
+  spec.threshold = dropout_threshold(dropout_p);
+  // Every lane is < 2^16: such p drops everything, which lora_linear serves as p = 1 in Python.
+  TORCH_CHECK(spec.threshold < 65536, "lora_kernels: dropout_p = ", dropout_p,
+              " drops every element (its 16-bit threshold rounds to 2^16); lora_linear serves it as p = 1");
   spec.active = true;
   spec.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  spec.threshold = dropout_threshold(dropout_p);
   spec.scale = 1.0 / (1.0 - dropout_p);
   return spec;
 }
