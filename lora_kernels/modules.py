@@ -40,8 +40,8 @@ class LoRALinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
         factory = {"device": device, "dtype": dtype}

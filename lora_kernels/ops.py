@@ -4,6 +4,7 @@ for eager calls, and dispatch to a backend from `lora_kernels.backends`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.backends import BACKENDS, resolve
-from lora_kernels.reference import draw_seed
+from lora_kernels.reference import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -21,13 +22,33 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
+def _not_a_view(t: Tensor, shape) -> Tensor:
+    """t (contiguous) reshaped to `shape` as an ordinary tensor on the same storage, not a view:
+    in-place ops on a custom Function's output (`y += r`, ReLU(inplace=True)) are refused for views
+    created inside the Function."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, tuple(reversed(strides)))
+
+
+def _no_autocast(x: Tensor):
+    """Autocast off around a backend call: the kernels pick their own compute precision, and an
+    enclosing torch.autocast must not change their bits (nor those of `reference`)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tuple[Tensor, Tensor]:
     """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
-    y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0]), xa
+    with _no_autocast(x):
+        y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _not_a_view(y2d.contiguous(), (*x.shape[:-1], weight.shape[0])), xa
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
@@ -38,9 +59,10 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, b
         grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
         return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     dy = grad_y.reshape(-1, n).contiguous()
-    grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
-        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
-    )
+    with _no_autocast(x):
+        grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
+            dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
+        )
     grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
     return grad_x, grad_a, grad_b
 
@@ -143,7 +165,38 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: see _EagerBackward
+            return _EagerBackward.apply(grad_y, *ctx.saved_tensors, ctx)
         return _input_grads(_backward, ctx, grad_y)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "lora_kernels.lora_linear does not support double backward: its gradients were computed with "
+    "create_graph=True and are now being differentiated again. Use PEFT's unpatched layer "
+    "(lora_kernels.unpatch(model)) or lora_kernels.reference.lora_linear_eager for higher-order gradients."
+)
+
+
+class _EagerBackward(torch.autograd.Function):
+    """The eager backward as a node of its own under create_graph=True: the gradients depend on
+    grad_y and the saved x, weight, A, B, and differentiating them raises DOUBLE_BACKWARD_ERROR
+    instead of silently dropping the terms the kernels do not record."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, lora_A, lora_B, xa, seed, outer_ctx):
+        return _input_grads(_backward, outer_ctx, grad_y)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# The custom op path: differentiating lora_linear_backward raises the same error.
+lora_linear_backward_op.register_autograd(_double_backward)
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -193,10 +246,15 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
+    if abs(scaling) > torch.finfo(x.dtype).max:  # the kernels scale in x's dtype (fp16/bf16 epilogues)
+        raise ValueError(
+            f"scaling = {scaling} is outside the range of x's dtype {x.dtype} (|scaling| <= "
+            f"{torch.finfo(x.dtype).max:g}); compute in a wider dtype or fold part of it into lora_B"
+        )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if not isinstance(backend, str):
@@ -218,15 +276,21 @@ def lora_linear(
 
     x: (..., K), any leading dims (0 rows too) and strides; weight: (N, K); bias: (N,) or None;
     lora_A: (r, K); lora_B: (N, r); all one dtype (fp16/bf16/fp32/fp64) on one device.
-    Returns y: (..., N). Dropout (inverted, rate `dropout_p`) applies to the LoRA branch only and
-    only when `training`; its mask is regenerated in backward from a seed drawn from the
-    generator of x's device (see `lora_kernels.reference` for the exact rule).
+    Returns y: (..., N). Dropout (inverted, rate `dropout_p` in [0, 1]) applies to the LoRA branch
+    only and only when `training`; its mask is regenerated in backward from a seed drawn from the
+    generator of x's device (see `lora_kernels.reference` for the exact rule, its 1/65536
+    resolution, and p >= 1 - 2^-17, which is served as p = 1: LoRA term and A/B gradients zero).
     `backend`: "auto" or one of `available_backends()`; "auto" picks the fastest for the device.
     Gradients flow to x, lora_A, lora_B, and to weight/bias when they require grad.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
     name = resolve(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
+    if p > 0.0 and dropout_threshold(p) >= DROP_ALL_THRESHOLD:
+        # Every element dropped (p = 1, or p so close to it that the 16-bit threshold rounds to
+        # 2^16): the LoRA term and the gradients of A and B are zero, as torch's dropout(p=1)
+        # gives. Served here, once, so no kernel divides by 1 - p = 0.
+        p, scaling = 0.0, 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     bias = bias.contiguous() if bias is not None else None
     args = (x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name)

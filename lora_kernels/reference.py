@@ -18,6 +18,15 @@ Flatten x to M rows of K. Element (m, k) has flat index ``i = m*K + k``; it belo
 * keep the element iff ``lane >= t`` with ``t = floor(p * 65536 + 0.5)``; kept elements are
   multiplied by ``1 / (1 - p)`` (inverted dropout, as ``torch.nn.Dropout``).
 
+Resolution: P(keep) is 1 - t/65536, not 1 - p, while kept elements are scaled by exactly
+1/(1 - p), so the expected multiplier is E[D] = (1 - t/65536) / (1 - p). Both round p to the
+nearest multiple of 2^-16: E[D] is within 2^-17/(1 - p) of 1 — about 1e-5 at p = 0.1 and 8e-5 at
+p = 0.9 — but drifts as p nears 1: 1.068 at p = 0.9999, 1.53 at p = 0.99999. For
+p >= 1 - 2^-17 (t = 65536, ``DROP_ALL_THRESHOLD``) every element would be dropped: `lora_linear`
+serves that, and p = 1, as "everything dropped" (LoRA term and A/B gradients zero, as torch's
+``dropout(p=1)``) without calling a kernel's dropout; the kernels reject such p. Below
+p = 2^-17 (t = 0) nothing is dropped but kept elements are still scaled by 1/(1 - p).
+
 p = 0 or eval mode skips the generator entirely. The seed is an int64 tensor of shape (1,) drawn
 from the generator of x's device (see :func:`draw_seed`), so ``torch.manual_seed`` reproduces runs.
 """
@@ -37,6 +46,10 @@ PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
 LANES_PER_CALL = 8
 _U32 = 0xFFFFFFFF
+
+
+# A threshold of 2^16 drops every element (lanes are 16-bit): lora_linear serves it as p = 1.
+DROP_ALL_THRESHOLD = 65536
 
 
 def dropout_threshold(p: float) -> int:

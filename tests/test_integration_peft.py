@@ -528,3 +528,53 @@ def test_torch_compile_fullgraph_tiny_llama():
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert_tensors_close(out.logits.detach(), logits_ref, **FP32_TOL, what="logits")
     assert_grads_close(grads, grads_ref, **FP32_TOL)
+
+
+# --- drop-in safety (issue 12) -----------------------------------------------------------------
+
+
+def test_lora_and_adalora_mixed_model_adds_onto_the_fused_output():
+    """A PeftMixedModel with an AdaLoRA adapter on a patched LoRA layer does `result += ...` on the
+    fused op's output (an in-place op on a custom Function's output) and must equal PEFT."""
+    from peft import AdaLoraConfig
+
+    def build():
+        torch.manual_seed(0)
+        model = get_peft_model(
+            TwoLinears(), LoraConfig(r=4, target_modules=["up"], init_lora_weights=False), "adapter0", mixed=True
+        )
+        model.add_adapter("ada", AdaLoraConfig(init_r=4, target_modules=["up"], init_lora_weights=False, total_step=1))
+        model.set_adapter(["adapter0", "ada"])
+        return model
+
+    plain, patched = build(), build()
+    assert lora_kernels.patch(patched).num_patched == 1
+    x = torch.randn(3, 5, 32)
+    y_ref, grads_ref = run_mlp(plain, x)
+    y, grads = run_mlp(patched, x)
+    assert_tensors_close(y, y_ref, **FP32_TOL)
+    assert_grads_close(grads, grads_ref, **FP32_TOL)
+
+
+def test_lora_dropout_1_is_served_like_peft(fused_calls):
+    plain, patched = peft_mlp(lora_dropout=1.0), peft_mlp(lora_dropout=1.0)
+    lora_kernels.patch(patched, strict=True)
+    x = torch.randn(3, 5, 32)
+    y_ref, grads_ref = run_mlp(plain, x)
+    y, grads = run_mlp(patched, x)
+    assert fused_calls.take() == 2
+    assert_tensors_close(y, y_ref, **FP32_TOL)
+    assert_grads_close(grads, grads_ref, **FP32_TOL)
+    assert all(not g.any() for name, g in grads.items() if "lora_" in name)
+
+
+def test_scaling_beyond_half_range_keeps_peft_forward(fused_calls):
+    plain, patched = peft_mlp(torch.float16), peft_mlp(torch.float16)
+    lora_kernels.patch(patched, strict=True)
+    for model in (plain, patched):
+        for layer in lora_layers(model):
+            layer.scaling["default"] = 1e300
+    x = torch.randn(3, 32, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), plain(x), atol=0, rtol=0, equal_nan=True)
+    assert fused_calls.take() == 0

@@ -23,9 +23,12 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
   TORCH_CHECK(seed->device().is_cpu(), "lora_kernels: seed must be on the CPU for the cpu kernels, got ",
               seed->device());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_kernels: dropout_p must be in [0, 1), got ", dropout_p);
+  spec.threshold = dropout_threshold(dropout_p);
+  // Every lane is < 2^16: such p drops everything, which lora_linear serves as p = 1 in Python.
+  TORCH_CHECK(spec.threshold < 65536, "lora_kernels: dropout_p = ", dropout_p,
+              " drops every element (its 16-bit threshold rounds to 2^16); lora_linear serves it as p = 1");
   spec.active = true;
   spec.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  spec.threshold = dropout_threshold(dropout_p);
   spec.scale = 1.0 / (1.0 - dropout_p);
   return spec;
 }
@@ -113,19 +116,21 @@ __attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_
 
 __attribute__((target("avx512f"))) void masked_scale_avx512(const uint8_t* bits, const float* in, float mult,
                                                            float* out, int64_t count) {
+  // x * (0 or mult), never a masked (zeroing) multiply: a NaN/Inf at a dropped element stays NaN
+  // as in torch's dropout (x * mask), on this path as on every other.
   const __m512 m = _mm512_set1_ps(mult);
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
     uint16_t keep;
     std::memcpy(&keep, bits + i / 8, sizeof(keep));
-    _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(in + i), m));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_maskz_mov_ps(keep, m)));
   }
   if (i < count) {  // fewer than 16 left: masked loads and stores stay inside the arrays
     const int64_t n = count - i;
     const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
     const uint32_t keep = bits[i / 8] | (n > 8 ? static_cast<uint32_t>(bits[i / 8 + 1]) << 8 : 0u);
     const __m512 v = _mm512_maskz_loadu_ps(lanes, in + i);
-    _mm512_mask_storeu_ps(out + i, lanes, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep) & lanes, v, m));
+    _mm512_mask_storeu_ps(out + i, lanes, _mm512_mul_ps(v, _mm512_maskz_mov_ps(static_cast<__mmask16>(keep), m)));
   }
 }
 #pragma GCC diagnostic pop
@@ -144,7 +149,7 @@ void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, 
 #if defined(__x86_64__)
   if (cpu_has_avx512()) return masked_scale_avx512(bits, in, mult, out, count);
 #endif
-  for (int64_t i = 0; i < count; ++i) out[i] = ((bits[i / 8] >> (i % 8)) & 1) ? in[i] * mult : 0.0f;
+  for (int64_t i = 0; i < count; ++i) out[i] = in[i] * (((bits[i / 8] >> (i % 8)) & 1) ? mult : 0.0f);
 }
 
 namespace {

@@ -28,8 +28,9 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
 // out[i] = keep bits (bit j: lane j kept) of Philox group first + i, for i in [0, count).
 void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out);
 
-// out[i] = bit i of `bits` ? in[i] * mult : 0 for i in [0, count) (bit i: bits[i / 8] >> (i % 8)).
-// AVX-512: sixteen elements per masked multiply.
+// out[i] = in[i] * (bit i of `bits` ? mult : 0) for i in [0, count) (bit i: bits[i / 8] >> (i % 8)):
+// a multiply by 0, not a 0, so NaN/Inf at dropped elements propagate (x * mask, as torch).
+// AVX-512: sixteen elements per multiply by a zero-or-mult vector.
 void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count);
 
 // Dropout of the rows of a (*, cols) input: `row_bytes` regenerates the keep bits of one row (one

@@ -152,8 +152,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
                                                      const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
                                                      const c10::optional<at::Tensor>& seed) {
-  // A kernel, not a graph: the ATen calls below must not record autograd history.
+  // A kernel, not a graph: the ATen calls below must not record autograd history, nor be
+  // autocast (an enclosing torch.autocast would lower the fp32 products of the calling thread's rows).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_common(x, weight, lora_A, lora_B);
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
   const int64_t m_size = x.size(0), n_size = weight.size(0);
@@ -261,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     const c10::optional<at::Tensor>& seed, bool compute_grad_x) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in fused_forward_cpu
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_common(x, weight, lora_A, lora_B);
   const int64_t m_size = x.size(0), n_size = weight.size(0), k_size = x.size(1);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == m_size && grad_y.size(1) == n_size,

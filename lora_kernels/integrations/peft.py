@@ -18,6 +18,7 @@ PEFT semantics reproduced (peft 0.21, `peft.tuners.lora.layer.Linear.forward`):
 * `lora_bias`: ``lora_B``'s bias times `scaling` is folded into the base bias.
 * dropout: ``nn.Dropout(p)`` in training mode -> the fused op's dropout at rate p (the mask is the
   lora_kernels generator's, regenerated in backward, never stored); ``nn.Identity`` or eval -> none.
+  ``lora_dropout=1.0`` is served: the LoRA term and the gradients of A and B are zero, as in PEFT.
 * dtypes: the fused call needs one dtype. Under `torch.autocast` every operand is cast to the
   autocast dtype, which is what PEFT's linears compute in. Without autocast, adapters in another
   dtype than the base (PEFT's default fp32 adapters on a bf16/fp16 base) run PEFT's forward,
@@ -212,6 +213,8 @@ def _fused(self: LoraLinear, x: torch.Tensor, state: common.PatchState) -> Optio
             return None
     if compute not in common.FUSABLE_DTYPES:
         return None
+    if any(abs(a[3]) > torch.finfo(compute).max for a in adapters):
+        return None  # lora_linear refuses it; PEFT's forward overflows to inf as it always did
 
     # The fused call: base + every adapter when none has dropout, else base + the first with dropout.
     dropped = [a for a in adapters if a[2] > 0.0]
