@@ -127,15 +127,6 @@ def _lora_bwd_dx_kernel(
         rows = offs_m.to(tl.int64)
         mask_m = offs_m < M
         tile_mask = mask_m[:, None] & mask_k[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fp32 (BLOCK_M, R_PAD)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_mask, other=0.0)
-        if HAS_DROPOUT:
-            # One mask per element for both uses; x·mask (never where(keep, x, 0)): NaN/Inf in a
-            # dropped element propagates as in torch's x * mask * scale.
-            keep = _dropout_keep(seed, rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
-            keep_f = keep.to(tl.float32)
-            x = x * keep_f.to(x.dtype)
         if COMPUTE_DX:
             offs_n = tl.arange(0, BLOCK_N)
             dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
@@ -148,6 +139,17 @@ def _lora_bwd_dx_kernel(
                 acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
                 dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
                 w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
+        # g, x and the mask are made after the main loop so they hold no registers in it.
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fp32 (BLOCK_M, R_PAD)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_mask, other=0.0)
+        if HAS_DROPOUT:
+            # One mask per element for both uses; x·mask (never where(keep, x, 0)): NaN/Inf in a
+            # dropped element propagates as in torch's x * mask * scale.
+            keep = _dropout_keep(seed, rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
+            keep_f = keep.to(tl.float32)
+            x = x * keep_f.to(x.dtype)
+        if COMPUTE_DX:
             if HAS_DROPOUT:  # D⊙(g·A_tile) needs g·A_tile on its own
                 if a.dtype == tl.float32:
                     lora = tl.dot(g, a, input_precision=DOT_PRECISION)

@@ -84,7 +84,7 @@ _XA = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16,
        (16, 32, 2, 2)]
 # The dY pass is not autotuned: its config is a pure function of the shape (`gdb_config`), so
 # its reduction layout, and thus dB's bits, never depend on timing. First match in this order.
-_GDB = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2)]
+_GDB = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
 _INTERPRET_STREAM = (32, 32, 4, 1)
 
 
@@ -166,44 +166,48 @@ def smem_limit(capability=None) -> int:
 
 
 # --- shared memory the compiled kernels allocate (upper bounds) --------------------------------
-# Triton gives each dot operand tile `num_stages` pipeline buffers in the main loop; buffers of
-# the epilogue (operands of its small dots, layout conversions) are allocated after the loop's
-# ones are dead, so a kernel needs the larger of the two phases. `compile_check --report` compiles
-# every selectable config and fails if the compiled `metadata.shared` exceeds these figures.
+# Triton gives each dot operand tile `num_stages` pipeline buffers in the main loop; operands
+# loaded before the loop (Bᵀ, xa, A) and tiles changed in registers before a dot (the masked x)
+# need buffers of their own, and the epilogue's small dots more. The model adds all of them (it
+# does not count on buffers being reused after the loop), so it is an upper bound: `compile_check
+# --report` compiles every selectable config and fails if `metadata.shared` ever exceeds it.
 SMEM_SLACK = 1024  # barriers and small scratch
 
 
 def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused):
-    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage; epilogue xa and Bᵀ tiles."""
-    loop = stages * (bm * bk + bk * bn + (bk * r_pad if fused else 0)) * elem
-    epilogue = (bm * r_pad + r_pad * bn) * elem + bm * r_pad * 4
-    return max(loop, epilogue) + SMEM_SLACK
+    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage, the masked x tile, the xa and Bᵀ
+    tiles, the fp32 xa accumulator (F1)."""
+    loop = stages * (bm * bk + bk * bn + (bk * r_pad if fused else 0)) * elem + bm * bk * elem
+    return loop + (bm * r_pad + r_pad * bn) * elem + bm * r_pad * 4 + SMEM_SLACK
 
 
 def smem_xa(bm, bk, stages, elem, r_pad):
-    """_lora_fwd_xa_kernel: x and Aᵀ tiles per stage; the fp32 (BLOCK_M, R_PAD) result."""
-    return max(stages * (bm * bk + bk * r_pad) * elem, bm * r_pad * 4) + SMEM_SLACK
+    """_lora_fwd_xa_kernel: x and Aᵀ tiles per stage, the masked x tile; the fp32 result."""
+    return stages * (bm * bk + bk * r_pad) * elem + bm * bk * elem + bm * r_pad * 4 + SMEM_SLACK
 
 
 def smem_gdb(bm, bn, stages, elem, r_pad):
-    """_lora_bwd_gdb_kernel: dY and B tiles per stage, the xa tile; fp32 g and dB conversions."""
-    loop = stages * (bm * bn + bn * r_pad) * elem + bm * r_pad * elem
+    """_lora_bwd_gdb_kernel: dY and B tiles per stage, dYᵀ and the xa tile; fp32 g and dB."""
+    loop = stages * (bm * bn + bn * r_pad) * elem + (bm * bn + bm * r_pad) * elem
     return loop + 2 * bm * r_pad * 4 + bn * r_pad * 4 + SMEM_SLACK
 
 
 def smem_dx(bm, bk, bn, stages, elem, r_pad):
-    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit) and gᵀ,
-    the A and x tiles, and fp32 layout conversions of the tile and of the dA block."""
+    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit) and gᵀ, the
+    A and x tiles, the fp32 g."""
     loop = stages * (bm * bn + bn * bk) * elem
     g_parts = 2 if elem < 4 else 1
-    epilogue = (2 * g_parts * bm * r_pad + r_pad * bk + 2 * bm * bk) * elem + bm * r_pad * 4 + 2 * bm * bk * 4
-    return max(loop, epilogue) + SMEM_SLACK
+    epilogue = (2 * g_parts * bm * r_pad + r_pad * bk + 2 * bm * bk) * elem + bm * r_pad * 4
+    return loop + epilogue + SMEM_SLACK
 
 
 # A tile that also makes a dropout mask (F1 main loop, dX epilogue) holds the Philox state next to
 # the fp32 accumulator: ptxas (-v, sm80/sm90, bf16, AOT-compiled) spills hundreds to thousands of
 # bytes once a thread owns more than this many accumulator elements (e.g. 128x128 on 4 warps).
 MASKED_ACC_PER_THREAD = 64
+# F1 makes the mask inside the main loop, next to the Philox state of a whole x tile: sm80 spills
+# (232 bytes at 128x64 on 4 warps) above this.
+F1_MASKED_ACC_PER_THREAD = 32
 # F1 keeps a (BLOCK_M, R_PAD) fp32 accumulator for xa next to the GEMM's: beyond this R_PAD it
 # spills, so F1 is not offered ("auto" never picks it; an explicit "F1" is refused).
 F1_MAX_R_PAD = 64
@@ -214,8 +218,7 @@ def _elem(named_args, name):
 
 
 def _device(named_args, name):
-    t = named_args.get(name)
-    return t.device if isinstance(t, torch.Tensor) else None
+    return getattr(named_args.get(name), "device", None)
 
 
 def _no_config(kernel: str, r_pad: int, limit: int):
@@ -225,7 +228,7 @@ def _no_config(kernel: str, r_pad: int, limit: int):
     )
 
 
-def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_in_tile, smem, kernel):
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel):
     small_m = named_args["M_BUCKET"] <= SMALL_M
     elem = _elem(named_args, "w_ptr")
     r_pad = kwargs.get("R_PAD", 16)
@@ -238,7 +241,7 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_in_tile, smem,
         bm, out, _, _, warps, _ = tiles = _tiles(c, out_cols, step)
         if tiles in _FALLBACK or (tiles in _SMALL) != small_m:
             continue
-        if mask_in_tile and bm * out > MASKED_ACC_PER_THREAD * 32 * warps:
+        if mask_acc and bm * out > mask_acc * 32 * warps:
             continue
         kept.append(c)
     # Every survivor of `fits` was checked; the last one is the smallest tile that fits.
@@ -255,7 +258,8 @@ def prune_fwd(configs, named_args, **kwargs):
     def smem(t, elem, rp):
         return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
 
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask, smem, "forward GEMM")
+    mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM")
 
 
 def prune_dx(configs, named_args, **kwargs):
@@ -266,7 +270,8 @@ def prune_dx(configs, named_args, **kwargs):
     def smem(t, elem, rp):
         return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
 
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask, smem, "dX GEMM")
+    mask_acc = MASKED_ACC_PER_THREAD if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM")
 
 
 def prune_stream(configs, named_args, **kwargs):
@@ -338,7 +343,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # --- backward launch geometry: a pure function of the shapes, never of timing ---------------------
 # Partial buffers (deterministic reductions) are bounded by a byte budget, not by M.
-PARTIAL_BYTES = 32 * 2**20
+PARTIAL_BYTES = 64 * 2**20
 # Programs the dY pass aims for (its N chunks fill the GPU when M alone does not).
 GDB_TARGET_PROGRAMS = 512
 GDB_MAX_N_CHUNKS = 8
@@ -357,13 +362,13 @@ def gdb_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTE
 
 
 def gdb_grid(m: int, n: int, r: int, block_m: int, block_n: int):
-    """(row programs P, N chunks C) of the dY pass. dB partials are P x N x r fp32 and g partials
-    C x M x r fp32, each within PARTIAL_BYTES where the shape allows one program per row block."""
+    """(row programs P, N chunks C) of the dY pass. dB partials are P x N x r fp32, within
+    PARTIAL_BYTES; g partials C x M x r fp32, at most GDB_MAX_N_CHUNKS copies of g (C > 1 only
+    while P alone leaves the GPU short of GDB_TARGET_PROGRAMS)."""
     row_blocks = triton.cdiv(m, block_m)
     col_blocks = triton.cdiv(n, block_n)
     p = max(1, min(row_blocks, PARTIAL_BYTES // (n * r * 4)))
-    c = max(1, min(col_blocks, GDB_MAX_N_CHUNKS, triton.cdiv(GDB_TARGET_PROGRAMS, p),
-                   PARTIAL_BYTES // (m * r * 4)))
+    c = max(1, min(col_blocks, GDB_MAX_N_CHUNKS, triton.cdiv(GDB_TARGET_PROGRAMS, p)))
     return p, c
 
 
