@@ -268,10 +268,10 @@ def test_config_pruning(capability):
     for c in masked:  # no tile sizes that spill next to the Philox state
         acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
         assert acc_per_thread <= configs.MASKED_ACC_PER_THREAD
-    dx = configs.prune_dx(dx_cfgs, big, R_PAD=16, HAS_DROPOUT=True, COMPUTE_DX=True)
+    dx = configs.prune_dx(dx_cfgs, big, R_PAD=16, HAS_DROPOUT=True)
     assert dx and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 64 for c in dx)
     limit = configs.smem_limit(capability)
-    for c in configs.prune_dx(dx_cfgs, big, R_PAD=16, HAS_DROPOUT=False, COMPUTE_DX=True, SMEM_LIMIT=limit):
+    for c in configs.prune_dx(dx_cfgs, big, R_PAD=16, HAS_DROPOUT=False, SMEM_LIMIT=limit):
         stage = (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"] * 2  # dY + W tiles
         assert c.num_stages * stage <= limit
     fp32 = configs.prune_fwd(gemm, {"M_BUCKET": 8192, "w_ptr": w.float()}, R_PAD=16, FUSE_XA=False)
@@ -543,7 +543,7 @@ def test_backward_persistent_rows_and_chunks(m, monkeypatch):
     partials summed): still the reference gradients."""
     grid = configs.gdb_grid
     monkeypatch.setattr(configs, "gdb_grid", lambda *a: (min(2, grid(*a)[0]), 2))
-    monkeypatch.setattr(configs, "dx_row_programs_cap", lambda k, r: 2)
+    monkeypatch.setattr(configs, "da_row_programs_cap", lambda k, r: 2)
     x, weight, _, lora_A, lora_B, dy, seed = _direct_inputs(m=m, k=37, n=45, r=3)
     plan = triton_backend.bwd.plan_backward(m, 45, 37, 3, x, weight, True, True, True)
     assert plan.g_chunks == 2 and plan.chunk_n == 32  # 45 columns: a 32-column chunk and a 13-column one

@@ -49,18 +49,17 @@ def test_every_selectable_config_fits_the_arch(arch, dtype):
                         assert configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, rp,
                                                 fused) <= limit
             for drop in (True, False):
-                for cdx in (True, False):
-                    kept = configs.prune_dx(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, COMPUTE_DX=cdx, SMEM_LIMIT=limit)
-                    assert configs.pinned_dx_config(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, COMPUTE_DX=cdx,
-                                                    SMEM_LIMIT=limit) is kept[0]
-                    for c in kept:
-                        kw = c.kwargs
-                        assert configs.smem_dx(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, elem,
-                                               rp) <= limit
+                kept = configs.prune_dx(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, SMEM_LIMIT=limit)
+                assert configs.pinned_dx_config(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, SMEM_LIMIT=limit) is kept[0]
+                for c in kept:
+                    kw = c.kwargs
+                    assert configs.smem_dx(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, elem, rp) <= limit
             for c in configs.prune_stream(xac, named, R_PAD=rp, SMEM_LIMIT=limit):
                 assert configs.smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, rp) <= limit
             c = configs.gdb_config(bucket, elem, rp, limit, interpret=False)
             assert configs.smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, rp) <= limit
+            c = configs.da_config(bucket, elem, rp, limit, interpret=False)
+            assert configs.smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, rp) <= limit
 
 
 def test_no_config_is_a_clear_error():

@@ -1,11 +1,13 @@
-"""Backward (DESIGN §1, §3): two kernels, then fp32 partials reduced in a fixed order.
+"""Backward (DESIGN §1, §3): three kernels, then fp32 partials reduced in a fixed order.
 
   `_lora_bwd_gdb_kernel`  one pass over dY on a 2-D grid (P row programs x C column chunks):
                           g = dY·B as C fp32 partials (M, r) and dB = s·dYᵀ·xa as P fp32
                           partials (N, r).
-  `_lora_bwd_dx_kernel`   persistent over row blocks: program (p, k-tile) computes, for row blocks
-                          p, p+P, ..., dX = dY·W + s·D⊙(g·A_tile) with the mask made once per
-                          element, and accumulates s·gᵀ·(D⊙x_tile) into its dA partial (r, K-tile).
+  `_lora_bwd_da_kernel`   one pass over x on a 2-D grid (P' row programs x K tiles): dA partial p
+                          = s·Σ gᵀ·(D⊙x) over the row blocks p, p+P', ... (mask made once per element).
+  `_lora_bwd_dx_kernel`   the dX GEMM, dX = dY·W + s·D⊙(g·A_tile), mask made once per element in
+                          its epilogue. dA is not accumulated here: holding a (r, BLOCK_K) fp32
+                          accumulator, the A tile and x next to the GEMM tile made ptxas spill.
 Partial buffers are bounded by the grid (`configs.PARTIAL_BYTES`), not by M. g stays fp32 (hi/lo
 split into two 16-bit operands for fp16/bf16 dots) and D⊙x is x·mask (exact in x's dtype), the
 1/(1-p) factor applied to the fp32 results.
@@ -23,7 +25,7 @@ import triton.language as tl
 
 from lora_kernels.triton import configs
 from lora_kernels.triton.dropout import _dropout_keep, dropout_params
-from lora_kernels.triton.fwd import _device_of, check_dtype, r_pad
+from lora_kernels.triton.fwd import _device_of, _tile_ids, check_dtype, r_pad
 
 
 @triton.jit
@@ -83,88 +85,40 @@ def _lora_bwd_gdb_kernel(
         tl.debug_barrier()  # the g stores above are read back, maybe by other threads, next block
 
 
-@triton.autotune(
-    configs=configs.dx_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "COMPUTE_DX", "DETERMINISTIC", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": configs.prune_dx},
-    reset_to_zero=["da_ptr"],  # atomics (deterministic=False) accumulate over the benchmark runs
-)
 @triton.jit
-def _lora_bwd_dx_kernel(
-    dy_ptr, stride_dym, stride_dyn,
-    w_ptr, stride_wn, stride_wk,
+def _lora_bwd_da_kernel(
     x_ptr, stride_xm, stride_xk,
-    a_ptr, stride_ar, stride_ak,
     g_ptr, stride_gm, stride_gr,
-    dx_ptr, stride_dxm, stride_dxk,
     da_ptr, stride_dap, stride_dar, stride_dak,
     seed_ptr,
-    M, N, K, R, scaling, inv_keep, threshold, M_BUCKET, ROW_CAP,
-    HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, DETERMINISTIC: tl.constexpr, K_ALIGNED: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    M, K, R, scale, threshold, ROW_PROGRAMS,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, K_ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (p, k-tile), P = min(cdiv(M, BLOCK_M), ROW_CAP): for row blocks p, p+P, ...:
-    dX tile = dY·W + s·D⊙(g·A_tile) (when COMPUTE_DX); s·gᵀ·(D⊙x_tile) summed into dA partial p.
-    BLOCK_N is the reduction step over N; g is fp32 (M, r)."""
-    row_programs = tl.minimum((M + BLOCK_M - 1) // BLOCK_M, ROW_CAP)
-    pid = tl.program_id(0)
-    pid_p = pid % row_programs  # consecutive programs share the k tile: W's columns stay in L2
-    pid_k = pid // row_programs
+    """Program (p, k-tile): dA partial p (r, K-tile) = scale·Σ gᵀ·(mask⊙x) over row blocks p, p+P, ...
+    (scale = s/(1-p)); the mask is made once per element of the pass. Memory-bound: one read of x."""
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = offs_k.to(tl.int64)
     mask_k = offs_k < K
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    # Loop-invariant epilogue operand, loaded before the main loops.
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # (R_PAD, BLOCK_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     da = tl.full((R_PAD, BLOCK_K), 0.0, tl.float32)
-    for m0 in range(pid_p * BLOCK_M, M, row_programs * BLOCK_M):
+    for m0 in range(pid_p * BLOCK_M, M, ROW_PROGRAMS * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         mask_m = offs_m < M
-        tile_mask = mask_m[:, None] & mask_k[None, :]
-        if COMPUTE_DX:
-            offs_n = tl.arange(0, BLOCK_N)
-            dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
-            w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
-            acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                mask_n = (n0 + offs_n) < N
-                dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-                dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
-                w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
-        # g, x and the mask are made after the main loop so they hold no registers in it.
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:  # x·mask (never where(keep, x, 0)): a NaN/Inf in a dropped element propagates
+            keep = _dropout_keep(seed, rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
+            x = x * keep.to(x.dtype)
         g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fp32 (BLOCK_M, R_PAD)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_mask, other=0.0)
-        if HAS_DROPOUT:
-            # One mask per element for both uses; x·mask (never where(keep, x, 0)): NaN/Inf in a
-            # dropped element propagates as in torch's x * mask * scale.
-            keep = _dropout_keep(seed, rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
-            keep_f = keep.to(tl.float32)
-            x = x * keep_f.to(x.dtype)
-        if COMPUTE_DX:
-            if HAS_DROPOUT:  # D⊙(g·A_tile) needs g·A_tile on its own
-                if a.dtype == tl.float32:
-                    lora = tl.dot(g, a, input_precision=DOT_PRECISION)
-                else:
-                    g_hi, g_lo = _split_hi_lo(g, a.dtype)
-                    lora = tl.dot(g_lo, a, tl.dot(g_hi, a))
-                acc += lora * keep_f * (scaling * inv_keep)
-            else:  # fold s into g and accumulate in place (no second fp32 tile)
-                if a.dtype == tl.float32:
-                    acc = tl.dot(g * scaling, a, acc, input_precision=DOT_PRECISION)
-                else:
-                    gs_hi, gs_lo = _split_hi_lo(g * scaling, a.dtype)
-                    acc = tl.dot(gs_lo, a, tl.dot(gs_hi, a, acc))
-            tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-                     acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
         if x.dtype == tl.float32:
             da = tl.dot(tl.trans(g), x, da, input_precision=DOT_PRECISION)
         else:
@@ -172,11 +126,73 @@ def _lora_bwd_dx_kernel(
             da = tl.dot(tl.trans(g_lo), x, tl.dot(tl.trans(g_hi), x, da))
     da_ptrs = da_ptr + pid_p.to(tl.int64) * stride_dap + offs_r[:, None] * stride_dar + cols[None, :] * stride_dak
     da_mask = mask_r[:, None] & mask_k[None, :]
-    da = da * (scaling * inv_keep)
     if DETERMINISTIC:
-        tl.store(da_ptrs, da, mask=da_mask)
+        tl.store(da_ptrs, da * scale, mask=da_mask)
     else:
-        tl.atomic_add(da_ptrs, da, mask=da_mask, sem="relaxed")
+        tl.atomic_add(da_ptrs, da * scale, mask=da_mask, sem="relaxed")
+
+
+@triton.autotune(
+    configs=configs.dx_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune_dx},
+)
+@triton.jit
+def _lora_bwd_dx_kernel(
+    dy_ptr, stride_dym, stride_dyn,
+    w_ptr, stride_wn, stride_wk,
+    a_ptr, stride_ar, stride_ak,
+    g_ptr, stride_gm, stride_gr,
+    dx_ptr, stride_dxm, stride_dxk,
+    seed_ptr,
+    M, N, K, R, scaling, inv_keep, threshold, M_BUCKET,
+    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_K) tile, grouped order: dX = dY·W + s·D⊙(g·A_tile). BLOCK_N is the
+    reduction step over N; g is fp32 (M, r), split hi/lo into two 16-bit operands."""
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    cols = offs_k.to(tl.int64)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    offs_n = tl.arange(0, BLOCK_N)
+    dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = (n0 + offs_n) < N
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
+        w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
+
+    # Epilogue. g, the A tile and the mask are made only now so they hold no registers in the loop.
+    g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fp32 (BLOCK_M, R_PAD)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # (R_PAD, BLOCK_K)
+    if HAS_DROPOUT:  # D⊙(g·A_tile) needs g·A_tile on its own
+        if a.dtype == tl.float32:
+            lora = tl.dot(g, a, input_precision=DOT_PRECISION)
+        else:
+            g_hi, g_lo = _split_hi_lo(g, a.dtype)
+            lora = tl.dot(g_lo, a, tl.dot(g_hi, a))
+        keep = _dropout_keep(tl.load(seed_ptr), rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
+        acc += lora * keep.to(tl.float32) * (scaling * inv_keep)
+    else:  # fold s into g and accumulate in place (no second fp32 tile)
+        if a.dtype == tl.float32:
+            acc = tl.dot(g * scaling, a, acc, input_precision=DOT_PRECISION)
+        else:
+            gs_hi, gs_lo = _split_hi_lo(g * scaling, a.dtype)
+            acc = tl.dot(gs_lo, a, tl.dot(gs_hi, a, acc))
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, deterministic=None):
@@ -215,30 +231,35 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
         )
         # torch's sum over the leading dim is a fixed-order reduction (deterministic on CUDA and CPU).
         g = g_parts[0] if plan.g_chunks == 1 else g_parts.sum(0)
-        args = (
-            dy, dy.stride(0), dy.stride(1),
-            weight, weight.stride(0), weight.stride(1),
+        dcfg = plan.da
+        _lora_bwd_da_kernel[(plan.da_rows, triton.cdiv(k, dcfg.kwargs["BLOCK_K"]))](
             x2d, x2d.stride(0), x2d.stride(1),
-            lora_A, lora_A.stride(0), lora_A.stride(1),
             g, g.stride(0), g.stride(1),
-            dx, *(dx.stride() if compute_dx else (0, 0)),
             da_buf, da_buf.stride(0) if deterministic else 0, da_buf.stride(1), da_buf.stride(2),
             seed,
-            m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m), plan.row_cap,
+            m, k, r, float(scaling) * inv_keep, threshold, plan.da_rows,
+            HAS_DROPOUT=seed is not None, DETERMINISTIC=deterministic, K_ALIGNED=k % 8 == 0, R_PAD=plan.r_pad,
+            DOT_PRECISION=precision, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages, **dcfg.kwargs,
         )
-        flags = dict(HAS_DROPOUT=seed is not None, COMPUTE_DX=bool(compute_dx), DETERMINISTIC=deterministic,
-                     K_ALIGNED=k % 8 == 0, R_PAD=plan.r_pad, DOT_PRECISION=precision)
-        if deterministic:
-            cfg = plan.dx
-            grid = (plan.da_partials * triton.cdiv(k, cfg.kwargs["BLOCK_K"]),)
-            _lora_bwd_dx_kernel.fn[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                         num_stages=cfg.num_stages)
-        else:
-            def grid(meta):
-                rows = min(triton.cdiv(m, meta["BLOCK_M"]), plan.row_cap)
-                return (rows * triton.cdiv(k, meta["BLOCK_K"]),)
-
-            _lora_bwd_dx_kernel[grid](*args, **flags)
+        if compute_dx:
+            args = (
+                dy, dy.stride(0), dy.stride(1),
+                weight, weight.stride(0), weight.stride(1),
+                lora_A, lora_A.stride(0), lora_A.stride(1),
+                g, g.stride(0), g.stride(1),
+                dx, dx.stride(0), dx.stride(1),
+                seed,
+                m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m),
+            )
+            flags = dict(HAS_DROPOUT=seed is not None, K_ALIGNED=k % 8 == 0, R_PAD=plan.r_pad, DOT_PRECISION=precision)
+            if deterministic:  # pinned: the same tiles, hence the same bits, in every process
+                cfg = plan.dx
+                grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(k, cfg.kwargs["BLOCK_K"]),)
+                _lora_bwd_dx_kernel.fn[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages)
+            else:
+                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+                _lora_bwd_dx_kernel[grid](*args, **flags)
     grad_a = da_buf.sum(0).to(lora_A.dtype)
     grad_b = db_buf.sum(0).to(lora_B.dtype)
     return dx, grad_a, grad_b
@@ -266,14 +287,13 @@ def plan_backward(m, n, k, r, x2d, weight, has_dropout, compute_dx, deterministi
     col_blocks = triton.cdiv(n, gdb.kwargs["BLOCK_N"])
     chunk_n = triton.cdiv(col_blocks, g_chunks) * gdb.kwargs["BLOCK_N"]
     g_chunks = triton.cdiv(n, chunk_n)  # rounding can leave fewer chunks than asked
-    row_cap = configs.dx_row_programs_cap(k, r)
+    da = configs.da_config(m, elem, rp, limit)
+    da_rows = min(triton.cdiv(m, da.kwargs["BLOCK_M"]), configs.da_row_programs_cap(k, r))
     dx_cfg = None
-    da_partials = db_partials = 1
-    if deterministic:
+    if deterministic and compute_dx:
         named = {"M_BUCKET": configs.m_bucket(m), "w_ptr": weight}
         dx_cfg = configs.pinned_dx_config(_lora_bwd_dx_kernel.configs, named, R_PAD=rp, HAS_DROPOUT=has_dropout,
-                                          COMPUTE_DX=compute_dx, SMEM_LIMIT=limit)
-        da_partials = min(triton.cdiv(m, dx_cfg.kwargs["BLOCK_M"]), row_cap)
-        db_partials = gdb_rows
-    return BackwardPlan(r_pad=rp, gdb=gdb, gdb_rows=gdb_rows, g_chunks=g_chunks, chunk_n=chunk_n, row_cap=row_cap,
-                        dx=dx_cfg, da_partials=da_partials, db_partials=db_partials)
+                                          SMEM_LIMIT=limit)
+    return BackwardPlan(r_pad=rp, gdb=gdb, gdb_rows=gdb_rows, g_chunks=g_chunks, chunk_n=chunk_n, da=da,
+                        da_rows=da_rows, dx=dx_cfg, db_partials=gdb_rows if deterministic else 1,
+                        da_partials=da_rows if deterministic else 1)

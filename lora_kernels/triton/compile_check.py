@@ -171,13 +171,9 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
         return lambda c: configs.smem_fwd(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                           c.num_stages, elem, r_pad, fused)
 
-    def dx_sel(drop, cdx, det):
-        out = []
-        for b in M_BUCKETS:
-            named = {"M_BUCKET": b, "w_ptr": w}
-            kw = dict(R_PAD=r_pad, HAS_DROPOUT=drop, COMPUTE_DX=cdx, SMEM_LIMIT=limit)
-            out += [configs.pinned_dx_config(dxc, named, **kw)] if det else configs.prune_dx(dxc, named, **kw)
-        return _unique(out)
+    def dx_sel(drop):  # every autotune survivor; the pinned (deterministic) config is the first of them
+        return _unique([c for b in M_BUCKETS for c in configs.prune_dx(
+            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
 
     def dx_model(c):
         return configs.smem_dx(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_stages, elem,
@@ -206,13 +202,18 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
         out.append(("gdb", f"deterministic={det}", bwd._lora_bwd_gdb_kernel,
                     dict(R_PAD=r_pad, DETERMINISTIC=det, DOT_PRECISION=prec), gdb_sel,
                     lambda c: configs.smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, r_pad)))
-    dx_variants = [(True, True, True, True), (True, True, False, False), (False, True, True, True),
-                   (True, False, True, True)]
-    for drop, cdx, det, aligned in (dx_variants[:1] if quick else dx_variants):
-        consts = dict(HAS_DROPOUT=drop, COMPUTE_DX=cdx, DETERMINISTIC=det, K_ALIGNED=aligned, R_PAD=r_pad,
-                      DOT_PRECISION=prec)
-        out.append(("dx", f"dropout={drop} dx={cdx} deterministic={det} aligned={aligned}", bwd._lora_bwd_dx_kernel,
-                    consts, dx_sel(drop, cdx, det), dx_model))
+    da_sel = _unique([configs.da_config(m, elem, r_pad, limit, interpret=False) for m in M_BUCKETS])
+    da_variants = [(True, True, True), (True, False, False), (False, True, True)]
+    for drop, det, aligned in (da_variants[:1] if quick else da_variants):
+        out.append(("da", f"dropout={drop} deterministic={det} aligned={aligned}", bwd._lora_bwd_da_kernel,
+                    dict(HAS_DROPOUT=drop, DETERMINISTIC=det, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec),
+                    da_sel,
+                    lambda c: configs.smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad)))
+    dx_variants = [(True, True), (True, False), (False, True)]
+    for drop, aligned in (dx_variants[:1] if quick else dx_variants):
+        consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec)
+        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop),
+                    dx_model))
     for name, variant, kernel, consts, cfgs, model in out:
         if not consts.get("HAS_DROPOUT", True):
             consts["seed_ptr"] = None
@@ -223,7 +224,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
 
 
 def _groups_per_thread(name, consts, c):
-    """8-element groups one pass generates per thread (a K step for F1/xa, a tile for dX)."""
+    """8-element groups one pass generates per thread (a K step for F1/xa, a tile for dX/dA)."""
     kw = c.kwargs
     cols = kw["BLOCK_K"]
     groups = kw["BLOCK_M"] * cols // 8
@@ -234,7 +235,7 @@ def _groups_per_thread(name, consts, c):
 
 
 _KERNELS = {"fwd": fwd._lora_fwd_kernel, "xa": fwd._lora_fwd_xa_kernel, "gdb": bwd._lora_bwd_gdb_kernel,
-            "dx": bwd._lora_bwd_dx_kernel}
+            "da": bwd._lora_bwd_da_kernel, "dx": bwd._lora_bwd_dx_kernel}
 
 
 def _row(job):

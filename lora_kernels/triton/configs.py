@@ -85,6 +85,8 @@ _XA = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16,
 # The dY pass is not autotuned: its config is a pure function of the shape (`gdb_config`), so
 # its reduction layout, and thus dB's bits, never depend on timing. First match in this order.
 _GDB = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# The dA pass (x stream, BLOCK_M, BLOCK_K, warps, stages): likewise a pure function of the shape.
+_DA = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
 _INTERPRET_STREAM = (32, 32, 4, 1)
 
 
@@ -123,6 +125,12 @@ def dx_configs(interpret: bool = INTERPRET, capability=None):
 
 def xa_configs(interpret: bool = INTERPRET):
     rows = [_INTERPRET_STREAM] if interpret else _XA
+    return [_stream_config("BLOCK_K", *c) for c in rows]
+
+
+def da_configs(interpret: bool = INTERPRET):
+    """The dA pass's candidates, in order of preference (`da_config` takes the first that fits)."""
+    rows = [_INTERPRET_STREAM] if interpret else _DA
     return [_stream_config("BLOCK_K", *c) for c in rows]
 
 
@@ -193,12 +201,20 @@ def smem_gdb(bm, bn, stages, elem, r_pad):
 
 
 def smem_dx(bm, bk, bn, stages, elem, r_pad):
-    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit) and gᵀ, the
-    A and x tiles, the fp32 g."""
+    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit), the A tile,
+    the fp32 g and g·A tile."""
     loop = stages * (bm * bn + bn * bk) * elem
     g_parts = 2 if elem < 4 else 1
-    epilogue = (2 * g_parts * bm * r_pad + r_pad * bk + 2 * bm * bk) * elem + bm * r_pad * 4
+    epilogue = (g_parts * bm * r_pad + r_pad * bk) * elem + bm * r_pad * 4 + bm * bk * 4
     return loop + epilogue + SMEM_SLACK
+
+
+def smem_da(bm, bk, stages, elem, r_pad):
+    """_lora_bwd_da_kernel: x tiles per stage and the masked x tile; gᵀ (hi/lo for 16-bit) and
+    the fp32 g; the fp32 dA block."""
+    g_parts = 2 if elem < 4 else 1
+    loop = stages * bm * bk * elem + bm * bk * elem + 2 * g_parts * bm * r_pad * elem + bm * r_pad * 4
+    return loop + r_pad * bk * 4 + SMEM_SLACK
 
 
 # A tile that also makes a dropout mask (F1 main loop, dX epilogue) holds the Philox state next to
@@ -265,7 +281,7 @@ def prune_fwd(configs, named_args, **kwargs):
 def prune_dx(configs, named_args, **kwargs):
     """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
     makes the mask when there is dropout."""
-    mask = kwargs.get("HAS_DROPOUT", False) and kwargs.get("COMPUTE_DX", True)
+    mask = kwargs.get("HAS_DROPOUT", False)
 
     def smem(t, elem, rp):
         return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
@@ -372,9 +388,19 @@ def gdb_grid(m: int, n: int, r: int, block_m: int, block_n: int):
     return p, c
 
 
-def dx_row_programs_cap(k: int, r: int) -> int:
-    """Most row programs of the dX kernel: each accumulates one (r, K)-slice fp32 dA partial over
-    the row blocks it visits, so P x r x K x 4 bytes stays within PARTIAL_BYTES."""
+def da_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+    """The dA pass's config: as `gdb_config`, from `da_configs` and `smem_da`."""
+    fits = [c for c in da_configs(interpret)
+            if smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
+    if not fits:
+        raise _no_config("dA pass", r_pad, limit)
+    small = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket(m))]
+    return (small or fits[-1:])[0]
+
+
+def da_row_programs_cap(k: int, r: int) -> int:
+    """Most row programs of the dA pass: each writes one (r, K) fp32 dA partial, so
+    P x r x K x 4 bytes stays within PARTIAL_BYTES (its K tiles fill the GPU)."""
     return max(1, PARTIAL_BYTES // (r * k * 4))
 
 
