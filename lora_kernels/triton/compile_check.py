@@ -1,24 +1,39 @@
-"""Compile the backend's kernels for NVIDIA GPUs without one: Triton -> PTX -> cubin for sm80/sm90,
-so a machine without a GPU (CI) still catches kernels that do not lower. Nothing is run.
+"""Compile the backend's kernels for NVIDIA GPUs without one (Triton -> PTX -> cubin, nothing is
+run) and check what the compiled code says: the static report of issue 9.
 
-    python -m lora_kernels.triton.compile_check [--arch 80,90] [--dtype bf16] [--quick | --all-configs] [-v]
+    python -m lora_kernels.triton.compile_check --report [--quick] [--arch 80,86,90]
+        [--dtype bf16,fp16,fp32] [--r-pad 16,32,64,128,256] [--jobs 2] [--json out.json]
 
+For every kernel variant (each switch that changes code) x every config the pruning can select
+for that arch (incl. the small-tile fallback) x dtype x R_PAD, it prints one row: shared memory
+of the compiled kernel (`metadata.shared`) against the pruner's model and the arch's per-block
+limit, registers and spill bytes (ptxas -v), SASS instructions in the innermost loop holding the
+MMAs (per K step), and Philox `mul.hi.u32` per thread against one generation per element per pass.
+It exits non-zero when a check fails:
+  smem      compiled <= arch limit, and compiled <= the model the pruner used (so the pruner's
+            "fits" is true on the GPU) — for every selectable config, fallbacks included;
+  spill     no spill stores in any kernel for R_PAD <= 64;
+  philox    mul.hi per thread <= 1.25 x 20 x (8-element groups of the pass per thread), for K % 8 == 0
+            (aligned=True). The K % 8 != 0 variants are printed, not checked: each row's extra
+            spill group is recomputed by every thread of the row (known, see the README).
+--quick: the CI subset (sm80 + sm90, bf16, R_PAD 16 and 256, heaviest variants). Without
+--report, compiles the quick subset and prints one line per kernel (the old smoke test).
 Arguments are specialised the way a launch on contiguous, 16-byte aligned tensors is (unit
-strides are constexpr 1, other ints and pointers divisible by 16), so the software pipeline
-(cp.async / TMA, wgmma on sm90) is what a GPU run compiles. With -v, ptxas reports registers and
-spill bytes per kernel. Must run without TRITON_INTERPRET=1 (the kernels are then interpreted).
+strides constexpr 1, other ints and pointers divisible by 16). Must run without TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import concurrent.futures
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -26,14 +41,24 @@ from triton.compiler import ASTSource
 from lora_kernels.triton import bwd, configs, fwd
 
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn", "stride_dyn",
-                 "stride_gr", "stride_dxk", "stride_dak", "stride_dbr"}
-_NOT_DIVISIBLE = {"R", "scaling", "inv_keep", "threshold", "M_BUCKET"}
-_FP32_BUFFERS = {"db_ptr", "da_ptr"}
+                 "stride_gr", "stride_dxk", "stride_dak", "stride_dbr", "stride_gpr"}
+_NOT_DIVISIBLE = {"R", "scaling", "inv_keep", "threshold", "M_BUCKET", "ROW_CAP", "ROW_PROGRAMS", "CHUNK_N"}
+_FP32_BUFFERS = {"db_ptr", "da_ptr", "g_ptr", "gp_ptr"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PHILOX_MULHI_PER_CALL = 20  # Philox4x32-10: two 32x32->hi multiplies per round
+PHILOX_SLACK = 1.25
+# Every 32x32 -> high-half multiply counts (ptxas keeps the Philox constants in registers, so the
+# operands do not identify them; the kernels have no other mul.hi.u32, so this over-counts at worst).
+_MULHI = re.compile(r"\bmul\.hi\.u32\b")
 
 
-def compile_kernel(autotuned, constexprs: dict, config, arch: int, dtype: str = "bf16", verbose: bool = False):
-    """Compile one kernel (an Autotuner) with `constexprs` and one `config` for sm`arch`."""
-    fn = autotuned.fn
+def _fn(kernel):
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def compile_kernel(kernel, constexprs: dict, config, arch: int, dtype: str = "bf16"):
+    """Compile one kernel (JITFunction or Autotuner) with `constexprs` and `config` for sm`arch`."""
+    fn = _fn(kernel)
     consts = dict(constexprs, **config.kwargs)
     consts.update({name: 1 for name in fn.arg_names if name in _UNIT_STRIDES})
     signature = {}
@@ -52,14 +77,17 @@ def compile_kernel(autotuned, constexprs: dict, config, arch: int, dtype: str = 
              if signature[name] != "constexpr" and name not in _NOT_DIVISIBLE}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    report = f"smem={kernel.metadata.shared}"
-    if verbose:
-        report += " " + _ptxas_usage(kernel.asm["ptx"], arch)
-    return kernel, report
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _ptxas_usage(ptx: str, arch: int) -> str:
+def _tool(name: str) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return os.path.join(os.path.dirname(get_ptxas(90).path), name)
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple:
+    """(registers, spill store bytes) from ptxas -v."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -72,79 +100,267 @@ def _ptxas_usage(ptx: str, arch: int) -> str:
         os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores", out)
-    return f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
+    return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else -1
 
 
-QUICK = {"fwd F1 dropout=True aligned=False", "fwd F2 dropout=False aligned=True", "fwd xa dropout=True",
-         "bwd gdb deterministic=False", "bwd dx dropout=True dx=True deterministic=True aligned=True",
-         "bwd dx dropout=True dx=True deterministic=False aligned=False"}
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_MMA = re.compile(r"\b(HMMA|HGMMA|IMMA|FFMA|DMMA)")
 
 
-def cases(arch: int, all_configs: bool, quick: bool = False):
-    """(name, kernel, constexprs, config) to compile: every kernel, every switch that changes code
-    (quick: one config and the heaviest variants of each kernel)."""
-    if quick:
-        seen = set()
-        for name, kernel, consts, cfg in cases(arch, all_configs=False):
-            if name in QUICK and name not in seen:
-                seen.add(name)
-                yield name, kernel, consts, cfg
-        return
-    gemm = configs.gemm_configs(interpret=False, capability=(arch // 10, 0))
-    dx = configs.dx_configs(interpret=False, capability=(arch // 10, 0))
-    xa, gdb = configs.xa_configs(interpret=False), configs.gdb_configs(interpret=False)
-    if not all_configs:  # the first large config and the first decode config of each list
-        first_small = len(gemm) - len(configs._SMALL)
-        gemm, dx, xa, gdb = [gemm[0], gemm[first_small]], [dx[0], dx[first_small]], xa[:1], gdb[:1]
+def sass_loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the innermost loop (backward branch) that contains MMA/FMA work: the
+    main loop, one K step (0 when there is none)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    instrs = [(int(a, 16), text) for a, text in _SASS_LINE.findall(out)]
+    best = 0
+    for addr, text in instrs:
+        hit = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)`|0x([0-9a-f]+))", text)
+        if not hit or not hit.group(1):
+            continue
+        target = int(hit.group(1), 16)
+        if target >= addr:
+            continue
+        body = [t for a, t in instrs if target <= a <= addr]
+        if any(_MMA.search(t) for t in body) and (best == 0 or len(body) < best):
+            best = len(body)
+    return best
+
+
+def philox_mulhi(ptx: str) -> int:
+    """Philox multiplies (mul.hi.u32 by its two constants) in the kernel's PTX."""
+    return len(_MULHI.findall(ptx))
+
+
+# --- what can be selected ------------------------------------------------------------------------
+M_BUCKETS = (16, 8192)  # decode and large-M pruning paths
+
+
+def _meta(dtype):
+    return torch.empty(0, dtype=_DTYPES[dtype])
+
+
+def _unique(cfgs):
+    seen, out = set(), []
+    for c in cfgs:
+        key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False):
+    """(kernel name, variant, constexprs, config, smem model of it) to compile."""
+    cap = (arch // 10, arch % 10)
+    elem = _DTYPES[dtype].itemsize
+    w = _meta(dtype)
     prec = "ieee"
-    for cfg, fuse, drop, aligned in itertools.product(gemm, (True, False), (True, False), (True, False)):
-        if not drop and not aligned:
-            continue  # K_ALIGNED only matters to the mask
-        consts = dict(HAS_BIAS=True, HAS_DROPOUT=drop, FUSE_XA=fuse, K_ALIGNED=aligned, R_PAD=16, DOT_PRECISION=prec)
-        if not drop:
+    gemm = configs.gemm_configs(interpret=False, capability=cap)
+    dxc = configs.dx_configs(interpret=False, capability=cap)
+
+    def fwd_sel(fused, drop):
+        return _unique([c for b in M_BUCKETS for c in configs.prune_fwd(
+            gemm, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, FUSE_XA=fused, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+
+    def fwd_model(fused):
+        return lambda c: configs.smem_fwd(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                          c.num_stages, elem, r_pad, fused)
+
+    def dx_sel(drop):  # every autotune survivor; the pinned (deterministic) config is the first of them
+        return _unique([c for b in M_BUCKETS for c in configs.prune_dx(
+            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+
+    def dx_model(c):
+        return configs.smem_dx(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_stages, elem,
+                               r_pad)
+
+    out = []
+    if r_pad <= configs.F1_MAX_R_PAD:
+        for drop, aligned in ((True, True), (True, False), (False, True)):
+            if quick and not (drop and not aligned):
+                continue
+            consts = dict(HAS_BIAS=True, HAS_DROPOUT=drop, FUSE_XA=True, K_ALIGNED=aligned, R_PAD=r_pad,
+                          DOT_PRECISION=prec)
+            out.append(("fwd", f"F1 dropout={drop} aligned={aligned}", fwd._lora_fwd_kernel, consts,
+                        fwd_sel(True, drop), fwd_model(True)))
+    out.append(("fwd", "F2", fwd._lora_fwd_kernel,
+                dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec),
+                fwd_sel(False, False), fwd_model(False)))
+    xa_sel = _unique([c for b in M_BUCKETS for c in configs.prune_stream(
+        configs.xa_configs(interpret=False), {"M_BUCKET": b, "x_ptr": w}, R_PAD=r_pad, SMEM_LIMIT=limit)])
+    for drop in ((True,) if quick else (True, False)):
+        out.append(("xa", f"dropout={drop}", fwd._lora_fwd_xa_kernel,
+                    dict(HAS_DROPOUT=drop, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec), xa_sel,
+                    lambda c: configs.smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad)))
+    gdb_sel = _unique([configs.gdb_config(m, elem, r_pad, limit, interpret=False) for m in M_BUCKETS])
+    for det in ((True,) if quick else (True, False)):
+        out.append(("gdb", f"deterministic={det}", bwd._lora_bwd_gdb_kernel,
+                    dict(R_PAD=r_pad, DETERMINISTIC=det, DOT_PRECISION=prec), gdb_sel,
+                    lambda c: configs.smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, r_pad)))
+    da_sel = _unique([configs.da_config(m, elem, r_pad, limit, interpret=False) for m in M_BUCKETS])
+    da_variants = [(True, True, True), (True, False, False), (False, True, True)]
+    for drop, det, aligned in (da_variants[:1] if quick else da_variants):
+        out.append(("da", f"dropout={drop} deterministic={det} aligned={aligned}", bwd._lora_bwd_da_kernel,
+                    dict(HAS_DROPOUT=drop, DETERMINISTIC=det, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec),
+                    da_sel,
+                    lambda c: configs.smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad)))
+    dx_variants = [(True, True), (True, False), (False, True)]
+    for drop, aligned in (dx_variants[:1] if quick else dx_variants):
+        consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec)
+        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop),
+                    dx_model))
+    for name, variant, kernel, consts, cfgs, model in out:
+        if not consts.get("HAS_DROPOUT", True):
             consts["seed_ptr"] = None
-        yield f"fwd F{1 if fuse else 2} dropout={drop} aligned={aligned}", fwd._lora_fwd_kernel, consts, cfg
-    for cfg, drop in itertools.product(xa, (True, False)):
-        consts = dict(HAS_DROPOUT=drop, K_ALIGNED=True, R_PAD=16, DOT_PRECISION=prec)
-        if not drop:
-            consts["seed_ptr"] = None
-        yield f"fwd xa dropout={drop}", fwd._lora_fwd_xa_kernel, consts, cfg
-    for cfg, det in itertools.product(gdb, (True, False)):
-        yield f"bwd gdb deterministic={det}", bwd._lora_bwd_gdb_kernel, dict(R_PAD=16, DETERMINISTIC=det,
-                                                                           DOT_PRECISION=prec), cfg
-    for cfg, (drop, cdx, det, aligned) in itertools.product(
-        dx, [(True, True, True, True), (True, True, False, False), (False, True, True, True), (True, False, True, True)]
-    ):
-        consts = dict(HAS_DROPOUT=drop, COMPUTE_DX=cdx, DETERMINISTIC=det, K_ALIGNED=aligned, R_PAD=16,
-                      DOT_PRECISION=prec)
-        if not drop:
-            consts["seed_ptr"] = None
-        name = f"bwd dx dropout={drop} dx={cdx} deterministic={det} aligned={aligned}"
-        yield name, bwd._lora_bwd_dx_kernel, consts, cfg
+        if quick:  # the largest selectable tile and the smallest (the fallback when nothing else fits)
+            cfgs = _unique([max(cfgs, key=model), min(cfgs, key=model)])
+        for c in cfgs:
+            yield name, variant, consts, c, model(c)
+
+
+def _groups_per_thread(name, consts, c):
+    """8-element groups one pass generates per thread (a K step for F1/xa, a tile for dX/dA)."""
+    kw = c.kwargs
+    cols = kw["BLOCK_K"]
+    groups = kw["BLOCK_M"] * cols // 8
+    if not consts.get("K_ALIGNED", True):
+        groups += kw["BLOCK_M"]  # the spill group of each row
+    threads = 32 * c.num_warps
+    return max(1, -(-groups // threads))
+
+
+_KERNELS = {"fwd": fwd._lora_fwd_kernel, "xa": fwd._lora_fwd_xa_kernel, "gdb": bwd._lora_bwd_gdb_kernel,
+            "da": bwd._lora_bwd_da_kernel, "dx": bwd._lora_bwd_dx_kernel}
+
+
+def _row(job):
+    arch, dtype, r_pad, limit, name, variant, consts, (kwargs, warps, stages), model = job
+    c = triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    kernel = _KERNELS[name]
+    row = {"arch": arch, "dtype": dtype, "r_pad": r_pad, "kernel": name, "variant": variant,
+           "config": dict(c.kwargs), "warps": c.num_warps, "stages": c.num_stages, "smem_model": model,
+           "smem_limit": limit}
+    try:
+        k = compile_kernel(kernel, consts, c, arch, dtype)
+    except Exception as exc:  # a config that does not lower is a failure of the report
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        return row
+    ptx = k.asm["ptx"]
+    row["smem"] = k.metadata.shared
+    row["regs"], row["spill"] = ptxas_usage(ptx, arch)
+    row["sass_per_kstep"] = sass_loop_instructions(k.asm["cubin"])
+    mulhi = philox_mulhi(ptx)
+    row["philox_mulhi"] = mulhi
+    if consts.get("HAS_DROPOUT"):
+        row["philox_ratio"] = round(mulhi / (PHILOX_MULHI_PER_CALL * _groups_per_thread(name, consts, c)), 3)
+    return row
+
+
+def violations(row) -> list:
+    """The checks of the report that `row` fails."""
+    if "error" in row:
+        return [f"compile error: {row['error']}"]
+    bad = []
+    if row["smem"] > row["smem_limit"]:
+        bad.append(f"smem {row['smem']} > sm{row['arch']} limit {row['smem_limit']}")
+    if row["smem"] > row["smem_model"]:
+        bad.append(f"smem {row['smem']} > pruner's model {row['smem_model']}")
+    if row["r_pad"] <= 64 and row["spill"] != 0:
+        bad.append(f"{row['spill']} bytes spilled at R_PAD {row['r_pad']}")
+    if row.get("philox_ratio", 0) > PHILOX_SLACK and "aligned=False" not in row["variant"]:
+        bad.append(f"Philox x{row['philox_ratio']} of one generation per element per pass")
+    return bad
+
+
+def _fmt(row) -> str:
+    kw = row["config"]
+    tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
+    cfg = f"{tiles}/w{row['warps']}s{row['stages']}"
+    if "error" in row:
+        return f"sm{row['arch']} {row['dtype']:4} R{row['r_pad']:<3} {row['kernel']:3} {row['variant']:44} {cfg:18} ERROR"
+    ratio = row.get("philox_ratio")
+    return (f"sm{row['arch']} {row['dtype']:4} R{row['r_pad']:<3} {row['kernel']:3} {row['variant']:44} {cfg:18} "
+            f"smem {row['smem']:6}/{row['smem_model']:6}/{row['smem_limit']:6} regs {row['regs']:3} "
+            f"spill {row['spill']:5} sass/kstep {row['sass_per_kstep']:4} mul.hi {row['philox_mulhi']:4}"
+            + (f" x{ratio:.2f}" if ratio is not None else ""))
+
+
+def report(archs, dtypes, r_pads, quick=False, jobs=1, out=sys.stdout) -> list:
+    """Compile every case, print the table, return the rows (each with its 'violations')."""
+    job_list = []
+    for arch in archs:
+        limit = configs.SMEM_LIMIT_BY_ARCH[arch]
+        for dtype in dtypes:
+            for rp in r_pads:
+                for name, variant, consts, c, model in variants(arch, dtype, rp, limit, quick):
+                    job_list.append((arch, dtype, rp, limit, name, variant, consts,
+                                     (dict(c.kwargs), c.num_warps, c.num_stages), model))
+    print(f"# {len(job_list)} kernels to compile; smem columns: compiled/model/limit (bytes)", file=out, flush=True)
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_row, job_list))
+    else:
+        rows = [_row(j) for j in job_list]
+    for row in rows:
+        row["violations"] = violations(row)
+        print(("FAIL " if row["violations"] else "ok   ") + _fmt(row)
+              + ("  <- " + "; ".join(row["violations"]) if row["violations"] else ""), file=out, flush=True)
+    return rows
+
+
+def summary(rows) -> list:
+    """Per (arch, kernel, variant): worst smem share of the limit, max regs/spill, SASS per K step
+    range, worst Philox ratio."""
+    groups = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["arch"], r["kernel"], r["variant"]), []).append(r)
+    lines = []
+    for (arch, kernel, variant), rs in sorted(groups.items()):
+        smem = max(r["smem"] / r["smem_limit"] for r in rs)
+        sass = sorted(r["sass_per_kstep"] for r in rs)
+        ratio = max((r.get("philox_ratio", 0) for r in rs), default=0)
+        low_r = [r["spill"] for r in rs if r["r_pad"] <= 64]
+        lines.append(f"sm{arch} {kernel:3} {variant:44} configs {len(rs):3} max smem {smem:5.0%} of limit "
+                     f"max regs {max(r['regs'] for r in rs):3} spill(R<=64) {max(low_r, default=0):5} "
+                     f"sass/kstep {sass[0]}-{sass[-1]} philox x{ratio:.2f}")
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="80,90", help="comma-separated SM versions (default 80,90)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not two per kernel")
-    parser.add_argument("--quick", action="store_true", help="one config, the heaviest variant of each kernel")
-    parser.add_argument("-v", "--verbose", action="store_true", help="ptxas register/spill report")
+    parser.add_argument("--report", action="store_true", help="the static report (table + checks)")
+    parser.add_argument("--quick", action="store_true", help="the CI subset")
+    parser.add_argument("--arch", default=None, help="comma-separated SM versions (default 80,86,90; quick 80,90)")
+    parser.add_argument("--dtype", default=None, help="comma-separated (default bf16,fp16,fp32; quick bf16)")
+    parser.add_argument("--r-pad", default=None, help="comma-separated R_PAD (default 16..256; quick 16,256)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compiles")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if configs.INTERPRET:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    failures = 0
-    for arch in (int(a) for a in args.arch.split(",")):
-        for name, kernel, consts, cfg in cases(arch, args.all_configs, args.quick):
-            tiles = dict(cfg.kwargs)
-            try:
-                _, report = compile_kernel(kernel, consts, cfg, arch, args.dtype, args.verbose)
-                print(f"ok   sm{arch} {name} {tiles} warps={cfg.num_warps} stages={cfg.num_stages} {report}")
-            except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAIL sm{arch} {name} {tiles}: {type(exc).__name__}: {str(exc)[:2000]}")
-    return 1 if failures else 0
+    quick = args.quick or not args.report
+    archs = [int(a) for a in (args.arch or ("80,90" if quick else "80,86,90")).split(",")]
+    dtypes = (args.dtype or ("bf16" if quick else "bf16,fp16,fp32")).split(",")
+    r_pads = [int(r) for r in (args.r_pad or ("16,256" if quick else "16,32,64,128,256")).split(",")]
+    rows = report(archs, dtypes, r_pads, quick=quick, jobs=args.jobs)
+    print("\n# summary per kernel variant")
+    for line in summary(rows):
+        print(line)
+    failed = [r for r in rows if r["violations"]]
+    print(f"\n# {len(rows)} compiled, {len(failed)} failing a check")
+    if args.json:
+        meta = {"triton": triton.__version__, "torch": torch.__version__, "archs": archs, "dtypes": dtypes,
+                "r_pads": r_pads, "quick": quick}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

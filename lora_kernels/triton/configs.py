@@ -70,12 +70,23 @@ _SMALL = [
     (64, 64, 64, 1, 4, 4),
     (16, 32, 256, 1, 2, 4),
 ]
+# Offered only when nothing above fits shared memory (large R_PAD, fp32): small tiles, two stages.
+_FALLBACK = [
+    (32, 32, 32, 1, 4, 2),
+    (16, 32, 32, 1, 2, 2),
+]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
-# g and dB, (BLOCK_M, BLOCK_N, warps, stages). Wide tiles along the streamed dim, few rows.
-_XA = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4)]
-_GDB = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4)]
+# g and dB, (BLOCK_M, BLOCK_N, warps, stages). Wide tiles along the streamed dim, few rows; the
+# last entries are small-tile fallbacks for large R_PAD / fp32.
+_XA = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4), (32, 32, 4, 2),
+       (16, 32, 2, 2)]
+# The dY pass is not autotuned: its config is a pure function of the shape (`gdb_config`), so
+# its reduction layout, and thus dB's bits, never depend on timing. First match in this order.
+_GDB = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# The dA pass (x stream, BLOCK_M, BLOCK_K, warps, stages): likewise a pure function of the shape.
+_DA = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
 _INTERPRET_STREAM = (32, 32, 4, 1)
 
 
@@ -99,7 +110,7 @@ def _gemm_rows(interpret: bool, capability):
     if interpret:
         return [_INTERPRET_GEMM]
     major = (capability or _capability())[0]
-    return (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL
+    return (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL + _FALLBACK
 
 
 def gemm_configs(interpret: bool = INTERPRET, capability=None):
@@ -117,71 +128,180 @@ def xa_configs(interpret: bool = INTERPRET):
     return [_stream_config("BLOCK_K", *c) for c in rows]
 
 
+def da_configs(interpret: bool = INTERPRET):
+    """The dA pass's candidates, in order of preference (`da_config` takes the first that fits)."""
+    rows = [_INTERPRET_STREAM] if interpret else _DA
+    return [_stream_config("BLOCK_K", *c) for c in rows]
+
+
 def gdb_configs(interpret: bool = INTERPRET):
+    """The dY pass's candidates, in order of preference (`gdb_config` takes the first that fits)."""
     rows = [_INTERPRET_STREAM] if interpret else _GDB
     return [_stream_config("BLOCK_N", *c) for c in rows]
 
 
-def _smem_limit():
-    # usable dynamic shared memory per block: ~227 KiB on H100, ~163 KiB on A100 (minus slack)
-    return 220 * 1024 if _capability()[0] >= 9 else 160 * 1024
+# Usable shared memory per block (opt-in maximum) by SM version, for the static report and for
+# pruning without a GPU; on a GPU the device's own figure is read (`smem_limit`).
+SMEM_LIMIT_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                      100: 227 * 1024, 120: 99 * 1024}
 
 
-# Pruning reads M only through M_BUCKET, the autotune key: a config tuned for one M of a bucket
-# is reused for every M of it, and the backward sizes its partial buffers by replaying the prune.
+def _smem_limit_of(device) -> int:
+    """Shared memory a block may opt into on `device` (a CUDA device), else the sm90 table entry."""
+    if device is not None and device.type == "cuda":
+        return _device_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return SMEM_LIMIT_BY_ARCH[90]
+
+
+_DEVICE_SMEM = {}
+
+
+def _device_smem_limit(index: int) -> int:
+    if index not in _DEVICE_SMEM:
+        _DEVICE_SMEM[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return _DEVICE_SMEM[index]
+
+
+def smem_limit(capability=None) -> int:
+    """Per-block shared memory limit: the table entry of `capability` ((major, minor)), or the
+    current CUDA device's `shared_memory_per_block_optin` when capability is None."""
+    if capability is None:
+        if torch.cuda.is_available():
+            return _device_smem_limit(torch.cuda.current_device())
+        capability = (9, 0)
+    arch = capability[0] * 10 + capability[1]
+    return SMEM_LIMIT_BY_ARCH.get(arch, min(SMEM_LIMIT_BY_ARCH.values()))
+
+
+# --- shared memory the compiled kernels allocate (upper bounds) --------------------------------
+# Triton gives each dot operand tile `num_stages` pipeline buffers in the main loop; operands
+# loaded before the loop (Bᵀ, xa, A) and tiles changed in registers before a dot (the masked x)
+# need buffers of their own, and the epilogue's small dots more. The model adds all of them (it
+# does not count on buffers being reused after the loop), so it is an upper bound: `compile_check
+# --report` compiles every selectable config and fails if `metadata.shared` ever exceeds it.
+SMEM_SLACK = 1024  # barriers and small scratch
+
+
+def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused):
+    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage, the masked x tile, the xa and Bᵀ
+    tiles, the fp32 xa accumulator (F1)."""
+    loop = stages * (bm * bk + bk * bn + (bk * r_pad if fused else 0)) * elem + bm * bk * elem
+    return loop + (bm * r_pad + r_pad * bn) * elem + bm * r_pad * 4 + SMEM_SLACK
+
+
+def smem_xa(bm, bk, stages, elem, r_pad):
+    """_lora_fwd_xa_kernel: x and Aᵀ tiles per stage, the masked x tile; the fp32 result."""
+    return stages * (bm * bk + bk * r_pad) * elem + bm * bk * elem + bm * r_pad * 4 + SMEM_SLACK
+
+
+def smem_gdb(bm, bn, stages, elem, r_pad):
+    """_lora_bwd_gdb_kernel: dY and B tiles per stage, dYᵀ and the xa tile; fp32 g and dB."""
+    loop = stages * (bm * bn + bn * r_pad) * elem + (bm * bn + bm * r_pad) * elem
+    return loop + 2 * bm * r_pad * 4 + bn * r_pad * 4 + SMEM_SLACK
+
+
+def smem_dx(bm, bk, bn, stages, elem, r_pad):
+    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit), the A tile,
+    the fp32 g and g·A tile."""
+    loop = stages * (bm * bn + bn * bk) * elem
+    g_parts = 2 if elem < 4 else 1
+    epilogue = (g_parts * bm * r_pad + r_pad * bk) * elem + bm * r_pad * 4 + bm * bk * 4
+    return loop + epilogue + SMEM_SLACK
+
+
+def smem_da(bm, bk, stages, elem, r_pad):
+    """_lora_bwd_da_kernel: x tiles per stage and the masked x tile; gᵀ (hi/lo for 16-bit) and
+    the fp32 g; the fp32 dA block."""
+    g_parts = 2 if elem < 4 else 1
+    loop = stages * bm * bk * elem + bm * bk * elem + 2 * g_parts * bm * r_pad * elem + bm * r_pad * 4
+    return loop + r_pad * bk * 4 + SMEM_SLACK
+
 
 # A tile that also makes a dropout mask (F1 main loop, dX epilogue) holds the Philox state next to
 # the fp32 accumulator: ptxas (-v, sm80/sm90, bf16, AOT-compiled) spills hundreds to thousands of
 # bytes once a thread owns more than this many accumulator elements (e.g. 128x128 on 4 warps).
-# Some kept configs still spill a few dozen bytes in the dX epilogue (acc + g·A + mask); the
-# autotuner times them against spill-free ones such as 128x64 on 8 warps.
 MASKED_ACC_PER_THREAD = 64
+# F1 makes the mask inside the main loop, next to the Philox state of a whole x tile: sm80 spills
+# (232 bytes at 128x64 on 4 warps) above this.
+F1_MASKED_ACC_PER_THREAD = 32
+# F1 keeps a (BLOCK_M, R_PAD) fp32 accumulator for xa next to the GEMM's: beyond this R_PAD it
+# spills, so F1 is not offered ("auto" never picks it; an explicit "F1" is refused).
+F1_MAX_R_PAD = 64
 
 
-def _prune_gemm(configs, named_args, out_cols: str, step: str, mask_in_tile: bool, r_in_loop: int):
+def _elem(named_args, name):
+    return named_args[name].element_size()
+
+
+def _device(named_args, name):
+    return getattr(named_args.get(name), "device", None)
+
+
+def _no_config(kernel: str, r_pad: int, limit: int):
+    return ValueError(
+        f"triton backend: no {kernel} config fits {limit} bytes of shared memory per block at rank r "
+        f"(padded to {r_pad}); use r <= 128 or another backend"
+    )
+
+
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel):
     small_m = named_args["M_BUCKET"] <= SMALL_M
-    elem = named_args["w_ptr"].element_size()
+    elem = _elem(named_args, "w_ptr")
+    r_pad = kwargs.get("R_PAD", 16)
+    limit = kwargs.get("SMEM_LIMIT") or _smem_limit_of(_device(named_args, "w_ptr"))
+    fits = [c for c in configs if smem(_tiles(c, out_cols, step), elem, r_pad) <= limit]
+    if not fits:
+        raise _no_config(kernel, r_pad, limit)
     kept = []
-    for c in configs:
-        bm, out, red, _, warps, stages = tiles = _tiles(c, out_cols, step)
-        if (tiles in _SMALL) != small_m:
+    for c in fits:
+        bm, out, _, _, warps, _ = tiles = _tiles(c, out_cols, step)
+        if tiles in _FALLBACK or (tiles in _SMALL) != small_m:
             continue
-        if mask_in_tile and bm * out > MASKED_ACC_PER_THREAD * 32 * warps:
-            continue
-        if stages * (bm * red + red * out + red * r_in_loop) * elem > _smem_limit():
+        if mask_acc and bm * out > mask_acc * 32 * warps:
             continue
         kept.append(c)
-    return kept or configs[-1:]
+    # Every survivor of `fits` was checked; the last one is the smallest tile that fits.
+    return kept or fits[-1:]
 
 
 def prune_fwd(configs, named_args, **kwargs):
     """Decode configs for M <= SMALL_M, the others above; no spilling tile sizes when F1 makes the
-    mask in its main loop; pipelines (x, Wᵀ and, for F1, Aᵀ tiles) that fit in shared memory."""
+    mask in its main loop; only configs whose shared memory (`smem_fwd`) fits the device. Raises
+    ValueError naming r when none fits."""
     fused = kwargs.get("FUSE_XA", False)
     mask = fused and kwargs.get("HAS_DROPOUT", False)
-    return _prune_gemm(configs, named_args, "BLOCK_N", "BLOCK_K", mask, kwargs.get("R_PAD", 16) if fused else 0)
+
+    def smem(t, elem, rp):
+        return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
+
+    mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM")
 
 
 def prune_dx(configs, named_args, **kwargs):
-    """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline); its epilogue makes the
-    mask when there is dropout."""
-    mask = kwargs.get("HAS_DROPOUT", False) and kwargs.get("COMPUTE_DX", True)
-    return _prune_gemm(configs, named_args, "BLOCK_K", "BLOCK_N", mask, 0)
+    """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
+    makes the mask when there is dropout."""
+    mask = kwargs.get("HAS_DROPOUT", False)
+
+    def smem(t, elem, rp):
+        return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
+
+    mask_acc = MASKED_ACC_PER_THREAD if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM")
 
 
 def prune_stream(configs, named_args, **kwargs):
-    """Rows per program no larger than the next power of two of M (decode M gets 16/32-row tiles)."""
+    """xa pre-pass: rows per program no larger than the next power of two of M (decode M gets
+    16/32-row tiles), and shared memory (`smem_xa`) within the device's limit."""
     m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
-    return kept or configs[-1:]
-
-
-def prune_gdb(configs, named_args, **kwargs):
-    """As `prune_stream`, and at least 64 rows per program once M allows: every row block writes
-    an (N, r) fp32 dB partial (or as many atomics), so fewer, taller blocks mean less traffic."""
-    m = named_args["M_BUCKET"]
-    kept = [c for c in prune_stream(configs, named_args) if c.kwargs["BLOCK_M"] >= min(64, m)]
-    return kept or prune_stream(configs, named_args)
+    elem = _elem(named_args, "x_ptr")
+    r_pad = kwargs.get("R_PAD", 16)
+    limit = kwargs.get("SMEM_LIMIT") or _smem_limit_of(_device(named_args, "x_ptr"))
+    fits = [c for c in configs if smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
+    if not fits:
+        raise _no_config("xa pre-pass", r_pad, limit)
+    kept = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)]
+    return kept or fits[-1:]
 
 
 def m_bucket(m: int) -> int:
@@ -189,14 +309,21 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(int(m), 1)), 16384)
 
 
-def resolve_schedule(schedule, m: int) -> str:
-    """"F1" or "F2" for `schedule` ("auto", "F1", "F2" or None = env LORA_KERNELS_TRITON_SCHEDULE)."""
+def resolve_schedule(schedule, m: int, r_pad: int = 16, has_dropout: bool = False) -> str:
+    """"F1" or "F2" for `schedule` ("auto", "F1", "F2" or None = env LORA_KERNELS_TRITON_SCHEDULE).
+
+    auto: F1 only without dropout, for M <= F1_MAX_M and R_PAD <= F1_MAX_R_PAD. With dropout F1
+    makes the mask in the GEMM main loop once per N tile (and its main loop is ALU-bound, ~674 vs
+    ~112 SASS instructions per K step on sm90 bf16); F2 makes it once per element."""
     if schedule is None:
         schedule = os.environ.get("LORA_KERNELS_TRITON_SCHEDULE", "auto")
     if schedule not in SCHEDULES:
         raise ValueError(f"triton schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "F1" and r_pad > F1_MAX_R_PAD:
+        raise ValueError(f"triton schedule F1 supports r <= {F1_MAX_R_PAD} (its xa accumulator lives in "
+                         f"registers); got r padded to {r_pad}: use schedule F2 or auto")
     if schedule == "auto":
-        return "F1" if m <= F1_MAX_M else "F2"
+        return "F1" if m <= F1_MAX_M and r_pad <= F1_MAX_R_PAD and not has_dropout else "F2"
     return schedule
 
 
@@ -211,7 +338,73 @@ def resolve_deterministic(deterministic) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots are IEEE unless torch allows TF32 for matmuls (off by default)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """"tf32" for fp32 inputs when torch allows TF32 for fp32 matmuls, else "ieee".
+
+    Works in every state of both torch APIs: the new `torch.backends.cuda.matmul.fp32_precision`
+    (which resolves "none" from `torch.backends.fp32_precision`) is read first, because reading
+    the legacy `allow_tf32` raises once the two APIs were mixed; old torch has only the legacy one."""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # mixed-API state that the new attribute did not resolve: stay exact
+        return "ieee"
+
+
+# --- backward launch geometry: a pure function of the shapes, never of timing ---------------------
+# Partial buffers (deterministic reductions) are bounded by a byte budget, not by M.
+PARTIAL_BYTES = 64 * 2**20
+# Programs the dY pass aims for (its N chunks fill the GPU when M alone does not).
+GDB_TARGET_PROGRAMS = 512
+GDB_MAX_N_CHUNKS = 8
+
+
+def gdb_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+    """The dY pass's config: the first of `gdb_configs` with BLOCK_M <= max(16, next_pow2(M))
+    whose shared memory (`smem_gdb`) fits `limit`. Raises ValueError naming r when none does."""
+    candidates = gdb_configs(interpret)
+    fits = [c for c in candidates
+            if smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, r_pad) <= limit]
+    if not fits:
+        raise _no_config("dY pass", r_pad, limit)
+    small = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket(m))]
+    return (small or fits[-1:])[0]
+
+
+def gdb_grid(m: int, n: int, r: int, block_m: int, block_n: int):
+    """(row programs P, N chunks C) of the dY pass. dB partials are P x N x r fp32, within
+    PARTIAL_BYTES; g partials C x M x r fp32, at most GDB_MAX_N_CHUNKS copies of g (C > 1 only
+    while P alone leaves the GPU short of GDB_TARGET_PROGRAMS)."""
+    row_blocks = triton.cdiv(m, block_m)
+    col_blocks = triton.cdiv(n, block_n)
+    p = max(1, min(row_blocks, PARTIAL_BYTES // (n * r * 4)))
+    c = max(1, min(col_blocks, GDB_MAX_N_CHUNKS, triton.cdiv(GDB_TARGET_PROGRAMS, p)))
+    return p, c
+
+
+def da_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+    """The dA pass's config: as `gdb_config`, from `da_configs` and `smem_da`."""
+    fits = [c for c in da_configs(interpret)
+            if smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
+    if not fits:
+        raise _no_config("dA pass", r_pad, limit)
+    small = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket(m))]
+    return (small or fits[-1:])[0]
+
+
+def da_row_programs_cap(k: int, r: int) -> int:
+    """Most row programs of the dA pass: each writes one (r, K) fp32 dA partial, so
+    P x r x K x 4 bytes stays within PARTIAL_BYTES (its K tiles fill the GPU)."""
+    return max(1, PARTIAL_BYTES // (r * k * 4))
+
+
+def pinned_dx_config(configs, named_args, **kwargs):
+    """Deterministic mode's dX config: the first survivor of `prune_dx` (a fixed preference
+    order, no timing), so every process on the same GPU model sums dA in the same layout."""
+    return prune_dx(configs, named_args, **kwargs)[0]

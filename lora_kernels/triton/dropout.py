@@ -27,6 +27,7 @@ def dropout_params(dropout_p: float):
 PHILOX_ROUNDS = tl.constexpr(10)
 
 
+
 @triton.jit
 def _philox4x32(seed, group):
     """Philox4x32-10 of counter (group lo, group hi, 0, 0) under key (seed lo, seed hi).
@@ -50,16 +51,29 @@ def _philox4x32(seed, group):
 
 
 @triton.jit
+def _halves(r):
+    return (r & 0xFFFF).to(tl.int32), (r >> 16).to(tl.int32)
+
+
+@triton.jit
 def _group_lanes(r0, r1, r2, r3):
     """Words (BM, G) of G Philox calls -> lanes (BM, G*8) int32 in flat order: lane j of a group is
-    ``(r[j // 2] >> (16 * (j % 2))) & 0xFFFF``."""
+    ``(r[j // 2] >> (16 * (j % 2))) & 0xFFFF``.
+
+    Built with tl.join, whose new dimension stays inside one thread, so the eight lanes of a
+    group live in the thread that ran its Philox call. (Broadcasting the words against an
+    arange(8) let Triton spread the 8 lanes over threads and each of them re-ran the call: ~5x.)
+    join(a, b) appends a last dim [a, b]; nested three deep, the innermost join selects lane bit 2,
+    the outermost bit 0, so the flattened index is the lane number."""
     BM: tl.constexpr = r0.shape[0]
     G: tl.constexpr = r0.shape[1]
-    j = tl.arange(0, 8)[None, None, :]
-    word = tl.where(j < 2, r0[:, :, None],
-                    tl.where(j < 4, r1[:, :, None], tl.where(j < 6, r2[:, :, None], r3[:, :, None])))
-    lane = (word >> ((j % 2) * 16).to(tl.uint32)) & 0xFFFF
-    return tl.reshape(lane.to(tl.int32), (BM, G * 8))
+    h0, h1 = _halves(r0)
+    h2, h3 = _halves(r1)
+    h4, h5 = _halves(r2)
+    h6, h7 = _halves(r3)
+    even = tl.join(tl.join(h0, h4), tl.join(h2, h6))
+    odd = tl.join(tl.join(h1, h5), tl.join(h3, h7))
+    return tl.reshape(tl.join(even, odd), (BM, G * 8))
 
 
 @triton.jit

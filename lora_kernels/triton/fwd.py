@@ -3,6 +3,7 @@
 Two schedules, both kept selectable (`configs.resolve_schedule`):
   F1  one kernel: every (BLOCK_M, BLOCK_N) tile also accumulates dropout(x)·Aᵀ from the x tile it
       already loaded; the N tiles of a row block all compute the same xa, the first one stores it.
+      Only for R_PAD <= 64 ("auto": only without dropout and for small M, see configs).
   F2  `_lora_fwd_xa_kernel` makes xa once (one read of x, the mask generated once), then the GEMM
       reads the (M, r) xa in its epilogue.
 r is padded to R_PAD = max(16, next_pow2(r)) (the MMA minimum) with masked loads, never in memory.
@@ -39,7 +40,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.autotune(
     configs=configs.xa_configs(),
-    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune_stream},
 )
 @triton.jit
@@ -70,19 +71,21 @@ def _lora_fwd_xa_kernel(
         mask_k = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if HAS_DROPOUT:
+        if HAS_DROPOUT:  # x·mask, exact in x's dtype; NaN/Inf in a dropped element propagates
             keep = _dropout_keep(seed, flat_row + k0, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
-            x = tl.where(keep, x * inv_keep, 0.0).to(a.dtype)
+            x = x * keep.to(x.dtype)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
         a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
+    if HAS_DROPOUT:
+        acc = acc * inv_keep  # 1/(1-p) on the fp32 sum, not on every rounded x element
     xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
     tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.autotune(
     configs=configs.gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "FUSE_XA", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "FUSE_XA", "HAS_DROPOUT", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.jit
@@ -115,6 +118,16 @@ def _lora_fwd_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk  # Wᵀ tile
+    # Epilogue operands (Bᵀ tile, bias, and xa for F2) are loaded before the main loop, so their
+    # latency hides behind it rather than stalling the epilogue.
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    xa_mask = mask_m[:, None] & mask_r[None, :]
+    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # Bᵀ tile (R_PAD, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if not FUSE_XA:
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if FUSE_XA:
         a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak  # Aᵀ tile
@@ -129,9 +142,9 @@ def _lora_fwd_kernel(
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if FUSE_XA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if HAS_DROPOUT:
+            if HAS_DROPOUT:  # x·mask (exact; NaN propagates), 1/(1-p) after the loop
                 keep = _dropout_keep(seed, flat_row + k0, threshold, BLOCK_M, BLOCK_K, K_ALIGNED)
-                x = tl.where(keep, x * inv_keep, 0.0).to(a.dtype)
+                x = x * keep.to(x.dtype)
             acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
             a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
         x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
@@ -139,22 +152,18 @@ def _lora_fwd_kernel(
 
     # Epilogue: + b + s·xa·B_tileᵀ; xa is rounded to the input dtype exactly as it is stored (and
     # as F2 reads it back), so F1 and F2 give the same y up to summation order.
-    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
-    xa_mask = mask_m[:, None] & mask_r[None, :]
     if FUSE_XA:
+        if HAS_DROPOUT:
+            acc_xa = acc_xa * inv_keep
         xa = acc_xa.to(xa_ptr.dtype.element_ty)
         if pid_n == 0:
             tl.store(xa_ptrs, xa, mask=xa_mask)
-    else:
-        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
-    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # Bᵀ tile (R_PAD, BLOCK_N)
     # Accumulate into acc (no second BLOCK_M x BLOCK_N fp32 tile: that spills at 128x256): s is
     # folded into the small xa operand, one extra rounding of the LoRA term in the input dtype.
     xa_s = (xa.to(tl.float32) * scaling).to(xa.dtype)
     acc = tl.dot(xa_s, bt, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -186,7 +195,7 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
         return y, xa
     has_dropout = seed is not None
     threshold, inv_keep = dropout_params(dropout_p) if has_dropout else (0, 1.0)
-    fuse_xa = configs.resolve_schedule(schedule, m) == "F1"
+    fuse_xa = configs.resolve_schedule(schedule, m, r_pad(r), has_dropout) == "F1"
     common = dict(
         HAS_DROPOUT=has_dropout, K_ALIGNED=k % 8 == 0, R_PAD=r_pad(r), DOT_PRECISION=configs.dot_precision(x2d.dtype)
     )

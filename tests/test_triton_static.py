@@ -1,0 +1,188 @@
+"""The triton backend's host-side choices (pure Python, no GPU, no interpreter) and its static
+report: configs within each arch's shared memory, the TF32 switch in every state of torch's two
+APIs, partial buffers bounded by the grid, pinned deterministic configs. The report compiles
+kernels for sm80/sm86/sm90 with Triton's own ptxas (issue 9)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from lora_kernels.triton import configs  # noqa: E402
+from lora_kernels.triton import bwd as triton_bwd  # noqa: E402
+
+ARCHS = {80: (8, 0), 86: (8, 6), 90: (9, 0)}
+R_PADS = [16, 32, 64, 128, 256]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _meta(dtype):
+    return torch.empty(0, dtype=dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_selectable_config_fits_the_arch(arch, dtype):
+    """For every R_PAD up to 256, M bucket and switch, the pruners return only configs whose
+    shared memory (the model that `compile_check --report` proves against the compiled kernels)
+    fits the arch's per-block limit — never an unchecked fallback."""
+    cap, limit, elem = ARCHS[arch], configs.SMEM_LIMIT_BY_ARCH[arch], dtype.itemsize
+    gemm = configs.gemm_configs(interpret=False, capability=cap)
+    dxc = configs.dx_configs(interpret=False, capability=cap)
+    xac = configs.xa_configs(interpret=False)
+    w = _meta(dtype)
+    for rp in R_PADS:
+        for bucket in (1, 16, 64, 256, 8192, 16384):
+            named = {"M_BUCKET": bucket, "w_ptr": w, "x_ptr": w}
+            for fused in ((True, False) if rp <= configs.F1_MAX_R_PAD else (False,)):
+                for drop in (True, False):
+                    for c in configs.prune_fwd(gemm, named, R_PAD=rp, FUSE_XA=fused, HAS_DROPOUT=drop,
+                                               SMEM_LIMIT=limit):
+                        kw = c.kwargs
+                        assert configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, rp,
+                                                fused) <= limit
+            for drop in (True, False):
+                kept = configs.prune_dx(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, SMEM_LIMIT=limit)
+                assert configs.pinned_dx_config(dxc, named, R_PAD=rp, HAS_DROPOUT=drop, SMEM_LIMIT=limit) is kept[0]
+                for c in kept:
+                    kw = c.kwargs
+                    assert configs.smem_dx(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, elem, rp) <= limit
+            for c in configs.prune_stream(xac, named, R_PAD=rp, SMEM_LIMIT=limit):
+                assert configs.smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, rp) <= limit
+            c = configs.gdb_config(bucket, elem, rp, limit, interpret=False)
+            assert configs.smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, rp) <= limit
+            c = configs.da_config(bucket, elem, rp, limit, interpret=False)
+            assert configs.smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, rp) <= limit
+
+
+def test_no_config_is_a_clear_error():
+    w = _meta(torch.float32)
+    with pytest.raises(ValueError, match=r"rank r \(padded to 256\)"):
+        configs.prune_dx(configs.dx_configs(interpret=False, capability=(8, 6)), {"M_BUCKET": 16, "w_ptr": w},
+                         R_PAD=256, HAS_DROPOUT=True, SMEM_LIMIT=16 * 1024)
+    with pytest.raises(ValueError, match="F1 supports r <= 64"):
+        configs.resolve_schedule("F1", 8, r_pad=128)
+    assert configs.resolve_schedule("auto", 8, r_pad=128) == "F2"
+
+
+def test_smem_limit_is_read_from_the_device(monkeypatch):
+    """On a GPU the per-block limit is the device's opt-in figure (99 KiB on sm86/sm89/sm120,
+    where the old fixed 160 KiB let 128x128 pipelines through to an OutOfResources launch)."""
+    props = types.SimpleNamespace(shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(configs, "_DEVICE_SMEM", {})
+    dev = torch.device("cuda", 0)
+    assert configs._smem_limit_of(dev) == 99 * 1024
+    w = types.SimpleNamespace(device=dev, element_size=lambda: 2)
+    gemm = configs.gemm_configs(interpret=False, capability=(8, 0))
+    for c in configs.prune_fwd(gemm, {"M_BUCKET": 8192, "w_ptr": w}, R_PAD=16, FUSE_XA=False):
+        kw = c.kwargs
+        assert configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, 2, 16, False) <= 99 * 1024
+    assert configs.smem_limit((8, 6)) == configs.smem_limit((8, 9)) == configs.smem_limit((12, 0)) == 99 * 1024
+    assert configs.smem_limit((8, 0)) == 163 * 1024 and configs.smem_limit((9, 0)) == 227 * 1024
+
+
+@pytest.fixture
+def restore_tf32():
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision)
+    yield matmul
+    torch.backends.fp32_precision = saved[1]
+    matmul.fp32_precision = saved[0]
+
+
+def test_tf32_switch_in_every_api_state(restore_tf32):
+    """The old `allow_tf32` flag and the new `fp32_precision` (global or per backend), alone and
+    mixed: reading the legacy flag raises in mixed states, dot_precision must not."""
+    matmul = restore_tf32
+    states = [
+        (lambda: setattr(matmul, "allow_tf32", False), "ieee"),
+        (lambda: setattr(matmul, "allow_tf32", True), "tf32"),
+        (lambda: setattr(matmul, "fp32_precision", "tf32"), "tf32"),
+        (lambda: (setattr(matmul, "allow_tf32", True), setattr(matmul, "fp32_precision", "ieee")), "ieee"),
+        (lambda: (setattr(matmul, "fp32_precision", "none"), setattr(torch.backends, "fp32_precision", "tf32")),
+         "tf32"),
+        (lambda: (setattr(torch.backends, "fp32_precision", "ieee"), setattr(matmul, "fp32_precision", "tf32")),
+         "tf32"),
+        (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+    ]
+    for set_state, want in states:
+        torch.backends.fp32_precision = "none"
+        matmul.fp32_precision = "none"
+        set_state()
+        assert configs.dot_precision(torch.float32) == want
+        assert configs.dot_precision(torch.bfloat16) == "ieee"
+
+
+def test_precision_is_an_autotune_key():
+    from lora_kernels.triton import fwd
+
+    for kernel in (fwd._lora_fwd_kernel, fwd._lora_fwd_xa_kernel, triton_bwd._lora_bwd_dx_kernel):
+        assert "DOT_PRECISION" in kernel.keys, kernel
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_partial_buffers_bounded_by_the_grid(r):
+    """One MLP backward at M = 65536, N = 14336: the dB/dA partials were cdiv(M, 64)·N·r fp32
+    (896 MiB at r = 16, 3.5 GiB at r = 64); now each is within PARTIAL_BYTES (64 MiB), and the g
+    partials are at most GDB_MAX_N_CHUNKS copies of the fp32 g itself."""
+    m, n, k = 65536, 14336, 4096
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(n, k, dtype=torch.bfloat16, device="meta")
+    for det in (True, False):
+        plan = triton_bwd.plan_backward(m, n, k, r, x, w, True, True, det, smem_limit=227 * 1024)
+        sizes = plan.partial_bytes(m, n, k, r)
+        assert sizes["dB"] <= configs.PARTIAL_BYTES and sizes["dA"] <= configs.PARTIAL_BYTES, sizes
+        assert sizes["g"] <= configs.GDB_MAX_N_CHUNKS * m * r * 4, sizes
+        assert plan.gdb_rows * plan.g_chunks >= 132  # the dY pass still has work for every SM of an H100
+    # decode: the N chunks fill the GPU although there is one row block
+    plan = triton_bwd.plan_backward(16, n, k, r, x[:16], w, True, True, True, smem_limit=227 * 1024)
+    assert plan.gdb_rows == 1 and plan.g_chunks == configs.GDB_MAX_N_CHUNKS
+
+
+def test_deterministic_plan_is_a_pure_function():
+    """Same shapes -> same configs and partial layout, whatever an autotuner has seen before."""
+    x = torch.empty(5000, 4096, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    plans = [triton_bwd.plan_backward(5000, 4096, 4096, 16, x, w, True, True, True, smem_limit=227 * 1024)
+             for _ in range(2)]
+    assert plans[0].__dict__ == plans[1].__dict__
+
+
+def _compile_check(*args, timeout=900):
+    """lora_kernels.triton.compile_check in a fresh interpreter without TRITON_INTERPRET."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        get_ptxas(90).path, get_ptxas(80).path
+    except Exception as exc:  # no ptxas shipped with this triton build
+        pytest.skip(f"no ptxas to compile for sm80/sm90: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "lora_kernels.triton.compile_check", *args],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+
+
+def test_static_report_quick():
+    """The CI subset of the static report: sm80 + sm90, bf16, R_PAD 16 and 256, the heaviest
+    variant of each kernel at its largest and smallest selectable config; every check holds."""
+    proc = _compile_check("--report", "--quick", "--jobs", "2")
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("\nok   sm") >= 20 and "FAIL" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_static_report_full(request):
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("every kernel x config x dtype x R_PAD for sm80/86/90 (hours on 2 cores); run with -m slow")
+    proc = _compile_check("--report", "--jobs", str(os.cpu_count() or 1), timeout=None)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
