@@ -34,7 +34,7 @@ class BenchSet:
 LLAMA_8B = ((8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096))  # attention proj, MLP up, MLP down
 SETS = {
     "cpu": BenchSet(
-        "cpu", "cpu", "fp32", ((2048, 2048, 2048),), (16,), (0.0, 0.1), 20, 20,
+        "cpu", "cpu", "fp32", ((2048, 2048, 2048),), (16,), (0.0, 0.1), 15, 15,
         "the default: the design's CPU target shape, under a minute on 2 idle cores",
     ),
     "cpu-full": BenchSet(
