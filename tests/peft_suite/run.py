@@ -46,8 +46,9 @@ SUBSET = [
     ["tests/test_low_level_api.py", "-k", "TestLowLevelFunctional"],
 ]
 # The full run: every test file about LoRA (plus the LoRA cases of the generic model tests);
-# the largest last, so a partial run still covers the others.
+# the core LoRA tests first, so an interrupted run has covered them.
 FULL = [
+    ["tests/test_custom_models.py", "-k", "lora"],  # -k is case-insensitive
     ["tests/test_mixed.py"],
     ["tests/test_low_level_api.py"],
     ["tests/test_lora_variants.py"],
@@ -63,7 +64,6 @@ FULL = [
     ["tests/test_encoder_decoder_models.py", "-k", "lora"],
     ["tests/test_feature_extraction_models.py", "-k", "lora"],
     ["tests/test_seq_classifier.py", "-k", "lora"],
-    ["tests/test_custom_models.py", "-k", "lora"],  # -k is case-insensitive
 ]
 
 
