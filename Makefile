@@ -56,3 +56,10 @@ lint: setup
 
 clean:
 	rm -rf build dist lora_kernels/_C*.so *.egg-info bench/out examples/out
+
+# PEFT's own LoRA tests (from the installed peft version's sdist), run plainly and with every PEFT
+# model patched; fails on a patched-only failure. PEFT_SUITE_ARGS=--full: every LoRA-related file.
+.PHONY: peft-suite
+PEFT_SUITE_ARGS ?=
+peft-suite: build
+	$(PY) tests/peft_suite/run.py $(PEFT_SUITE_ARGS)

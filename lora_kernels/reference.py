@@ -16,7 +16,8 @@ Flatten x to M rows of K. Element (m, k) has flat index ``i = m*K + k``; it belo
 * the output words ``(r0, r1, r2, r3)`` give eight 16-bit lanes: lane ``j`` is
   ``(r[j // 2] >> (16 * (j % 2))) & 0xFFFF``.
 * keep the element iff ``lane >= t`` with ``t = floor(p * 65536 + 0.5)``; kept elements are
-  multiplied by ``1 / (1 - p)`` (inverted dropout, as ``torch.nn.Dropout``).
+  multiplied by ``1 / (1 - p)`` (inverted dropout, as ``torch.nn.Dropout``), dropped ones by 0 —
+  multiplied, not replaced, so a NaN/Inf there propagates (x and g·A in backward), as torch's.
 
 Resolution: P(keep) is 1 - t/65536, not 1 - p, while kept elements are scaled by exactly
 1/(1 - p), so the expected multiplier is E[D] = (1 - t/65536) / (1 - p). Both round p to the

@@ -165,18 +165,51 @@ def has_hooks(*modules: nn.Module) -> bool:
     return any(bool(m._forward_hooks or m._forward_pre_hooks) for m in modules) or _global_hooks()
 
 
-def plain_tensor(t: Optional[Tensor]) -> bool:
-    """A dense, non-subclass (no DTensor, NF4, torchao or int8 wrapper) floating tensor, or None."""
+def plain_tensor(t: Optional[Tensor], fsdp2_shard_ok: bool = False) -> bool:
+    """A dense, non-subclass (no DTensor, NF4, torchao or int8 wrapper) floating tensor, or None.
+    `fsdp2_shard_ok`: a DTensor counts too (an FSDP2 shard, gathered into a plain tensor in forward)."""
     if t is None:
         return True
-    return type(t) in (nn.Parameter, Tensor) and t.layout == torch.strided and t.dtype in FUSABLE_DTYPES
+    kinds = (nn.Parameter, Tensor) + ((_dtensor_type(),) if fsdp2_shard_ok else ())
+    return type(t) in kinds and t.layout == torch.strided and t.dtype in FUSABLE_DTYPES
 
 
-def plain_linear_reason(base: nn.Module) -> Optional[str]:
-    """Why `base` is not a plain nn.Linear the fused op can replace, or None."""
+def _dtensor_type() -> type:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return Tensor
+    return DTensor
+
+
+FSDP2_CONDITION = (
+    "in forward, where FSDP2 (fully_shard) has gathered the DTensor-sharded weights into plain tensors "
+    "(patch before or after fully_shard, either works)"
+)
+
+
+def fsdp2_managed(model: nn.Module, name: str) -> bool:
+    """Whether submodule `name` of `model` is, or sits under, a `fully_shard` (FSDP2) module: its
+    parameters are DTensor shards between calls and plain tensors during its forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    parts = name.split(".") if name else []
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), FSDPModule) for i in range(len(parts) + 1))
+
+
+def sharded(module: nn.Module) -> bool:
+    """Whether any parameter of `module` is a DTensor right now."""
+    return any(type(p) is _dtensor_type() for p in module.parameters())
+
+
+def plain_linear_reason(base: nn.Module, fsdp2: bool = False) -> Optional[str]:
+    """Why `base` is not a plain nn.Linear the fused op can replace, or None. `fsdp2`: the layer is
+    under fully_shard, so DTensor weights are fine here (plain in forward, checked per call)."""
     if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
         return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized, Conv, Embedding, …)"
-    if not plain_tensor(base.weight) or not plain_tensor(base.bias):
+    if not plain_tensor(base.weight, fsdp2) or not plain_tensor(base.bias, fsdp2):
         kind = type(base.weight).__name__
         return f"base weight is a {kind} ({base.weight.dtype}), not a dense float tensor (quantized or sharded)"
     return None

@@ -51,8 +51,9 @@ _KNOWN_KWARGS = frozenset(("adapter_names", *_VARIANT_KWARGS))
 # --- which layers ---------------------------------------------------------------------------------
 
 
-def _static_reason(module: LoraLayer) -> Optional[str]:
-    """Why `module` keeps PEFT's forward, or None if the fused forward can serve it."""
+def _static_reason(module: LoraLayer, fsdp2: bool = False) -> Optional[str]:
+    """Why `module` keeps PEFT's forward, or None if the fused forward can serve it. `fsdp2`: the
+    layer is under fully_shard (its DTensor weights are plain tensors in forward)."""
     if not isinstance(module, LoraLinear) or type(module).forward is not LoraLinear.forward:
         return (
             f"{type(module).__name__} is not a lora.Linear (quantized, Conv, Embedding, … LoRA layers "
@@ -60,7 +61,7 @@ def _static_reason(module: LoraLayer) -> Optional[str]:
         )
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style transposed weight, e.g. GPT-2)"
-    base_reason = common.plain_linear_reason(module.base_layer)
+    base_reason = common.plain_linear_reason(module.base_layer, fsdp2)
     if base_reason is not None:
         return base_reason
     if module.lora_variant:
@@ -105,12 +106,15 @@ def plan(model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        reason = None if common.is_patched(module) else _static_reason(module)
+        fsdp2 = common.fsdp2_managed(model, name)
+        reason = None if common.is_patched(module) else _static_reason(module, fsdp2)
         if reason is None:
             todo.append((name, module))
             condition = _condition(module, cast_adapters)
             if condition is not None:
                 kept.note(name, condition)
+            if fsdp2 and common.sharded(module):
+                kept.note(name, common.FSDP2_CONDITION)
         else:
             kept.keep(name, reason)
     return kept, todo

@@ -1,0 +1,48 @@
+"""The PEFT-suite gate's own logic (tests/peft_suite): what counts as a patched-only failure and
+what counts as "needs the hub". The gate itself runs with `make peft-suite`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def _load(name):
+    path = Path(__file__).parent / "peft_suite" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"peft_suite_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peft_gate_plugin, run = _load("peft_gate_plugin"), _load("run")
+
+
+def results(outcomes, fused=None):
+    return {"outcomes": outcomes, "fused_calls": fused or {}, "patched_models": 0}
+
+
+def test_patched_only_failures_are_counted_and_known_rounding_is_reported_apart():
+    known = next(iter(run.KNOWN_ROUNDING)) + "[case]"
+    plain = results({"a": "passed", "b": "passed", "c": "failed", "d": "hub", known: "passed", "e": "passed"})
+    patched = results({"a": "passed", "b": "failed", "c": "failed", "d": "hub", known: "failed"})
+    regressions, rounding, counts = run.compare(plain, patched)
+    assert regressions == ["b", "e"]  # e: passed plainly, missing (crashed) patched
+    assert rounding == [known]
+    assert counts["patched-only failures"] == 2 and counts["skipped, need the hub (offline)"] == 1
+    assert counts["failed plainly (not counted against the gate)"] == 1
+
+
+def test_hub_errors_are_recognised_through_the_cause_chain():
+    def info(exc):
+        return SimpleNamespace(value=exc)
+
+    try:
+        try:
+            raise ConnectionError("Cannot reach https://huggingface.co/api/models/x")
+        except ConnectionError as inner:
+            raise OSError("could not load the model") from inner
+    except OSError as outer:
+        assert peft_gate_plugin._needs_hub(info(outer))
+    assert not peft_gate_plugin._needs_hub(info(AssertionError("tensors differ")))
