@@ -28,4 +28,5 @@ def test_occupancy_model():
     k.regs = 129
     assert csr.occupancy(k, 30 * 1024, gpu) == 1
     k.regs = 64
-    assert csr.occupancy(k, 30 * 1024, gpu) == 7  # shared memory: 228 KiB / 31 KiB
+    assert csr.occupancy(k, 30 * 1024, gpu) == 4  # registers: 32 warps of 64 x 32
+    assert csr.occupancy(k, 100 * 1024, gpu) == 2  # shared memory: 228 KiB / 101 KiB
