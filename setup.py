@@ -4,7 +4,7 @@ and nvcc is found (or when forced).
 Switches (environment):
   LORA_KERNELS_CUDA=auto|1|0   build the CUDA kernels when possible (auto, default) / always / never
   LORA_KERNELS_NO_EXTENSION=1  build no extension at all (pure-Python install: reference backend only)
-  TORCH_CUDA_ARCH_LIST         CUDA archs, default "8.0;8.6;8.9;9.0"
+  TORCH_CUDA_ARCH_LIST         CUDA archs, default "8.0;8.6;8.9;9.0+PTX" (PTX: newer GPUs JIT it)
   NVCC_THREADS                 nvcc --threads (default 2)
   MAX_JOBS                     ninja jobs (default: by free memory, ~3 GiB a job)
 """
@@ -16,7 +16,7 @@ import warnings
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _free_mem_gib() -> float:
