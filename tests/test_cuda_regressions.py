@@ -4,8 +4,8 @@ dynamic shared-memory attribute only ever raised, one-wave plans, PTX in the bui
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -16,7 +16,6 @@ from lora_kernels import _extension, reference
 from helpers import make_inputs, oracle
 from test_cuda_backend import emu  # noqa: F401  (the emulated-backend fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rel_err(got, want):
@@ -141,8 +140,8 @@ def test_built_module_embeds_ptx_for_the_newest_arch():
     tool = _find_cuobjdump()
     ptx = subprocess.run([tool, "--list-ptx", ext.__file__], capture_output=True, text=True).stdout
     sass = subprocess.run([tool, "--list-elf", ext.__file__], capture_output=True, text=True).stdout
-    ptx_archs = [int(a) for a in __import__("re").findall(r"sm_(\d+)", ptx)]
-    sass_archs = [int(a) for a in __import__("re").findall(r"sm_(\d+)", sass)]
+    ptx_archs = [int(a) for a in re.findall(r"sm_(\d+)", ptx)]
+    sass_archs = [int(a) for a in re.findall(r"sm_(\d+)", sass)]
     assert sass_archs, f"no SASS in {ext.__file__}"
     assert ptx_archs and max(ptx_archs) >= max(sass_archs), (
         f"{ext.__file__} embeds PTX for {sorted(set(ptx_archs))}, SASS for {sorted(set(sass_archs))}: build with "
