@@ -63,3 +63,15 @@ clean:
 PEFT_SUITE_ARGS ?=
 peft-suite: build
 	$(PY) tests/peft_suite/run.py $(PEFT_SUITE_ARGS)
+
+# make gpu-check: on a machine with one NVIDIA GPU, the same set-up, then the build with the CUDA
+# kernels forced, every gpu-marked test and the GPU benchmark (bench/results/<gpu>-*.json + PNG):
+# build, tests and benchmark held to GPU_CHECK_SECONDS (8 minutes) by timeout (the one-time venv
+# download is not counted); tests/gpu_check.sh prints each step with its time.
+GPU_CHECK_SECONDS ?= 480
+.PHONY: gpu-check
+gpu-check: setup
+	@start=$$(date +%s); \
+	LORA_KERNELS_CUDA=1 timeout $(GPU_CHECK_SECONDS) $(MAKE) --no-print-directory build || { echo "gpu-check: build failed or ran out of time"; exit 1; }; \
+	echo "[gpu-check +$$(( $$(date +%s) - start ))s] built"; \
+	GPU_CHECK_START=$$start GPU_CHECK_SECONDS=$(GPU_CHECK_SECONDS) tests/gpu_check.sh $(PY)

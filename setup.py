@@ -8,7 +8,7 @@ no torch.
 Switches (environment):
   LORA_KERNELS_CUDA=auto|1|0   CUDA kernels where a GPU is visible and nvcc found (auto, default) / always / never
   LORA_KERNELS_NO_EXTENSION=1  build no extension at all (pure-Python install: reference backend only)
-  TORCH_CUDA_ARCH_LIST         CUDA archs, default "8.0;8.6;8.9;9.0"
+  TORCH_CUDA_ARCH_LIST         CUDA archs, default "8.0;8.6;8.9;9.0+PTX" (PTX: newer GPUs JIT it)
   NVCC_THREADS                 nvcc --threads (default 2)
   MAX_JOBS                     ninja jobs (default: by free memory, ~3 GiB a job)
 """
@@ -23,7 +23,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 MIN_SETUPTOOLS = 77  # the SPDX `license = "Apache-2.0"` form of pyproject.toml
 
 NO_TORCH_MESSAGE = """

@@ -11,8 +11,6 @@ Three layers, so that something meaningful runs everywhere:
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
 import shutil
 import sys
@@ -24,8 +22,6 @@ import lora_kernels
 from lora_kernels import _extension, reference
 from helpers import assert_close, eager_same_dtype, make_inputs, oracle
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 0x0123456789ABCDEF, 2**62 - 1]
@@ -80,16 +76,6 @@ def test_cpu_generator_matches_mirror(seed, rows, cols, p):
 
 # --- the emulated backend -------------------------------------------------------------------------
 
-EMU_SOURCES = sorted(
-    glob.glob(os.path.join(CSRC, "cuda", "*.cu"))
-    + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
-    + glob.glob(os.path.join(CSRC, "cuda", "*.h"))
-    + glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))
-    + glob.glob(os.path.join(CSRC, "cuda", "emulation", "*"))
-    + [os.path.join(CSRC, "dropout.h")]
-)
-
-
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.lora_kernels_emu: the cuda backend compiled for the CPU (built once per source state)."""
@@ -97,20 +83,9 @@ def emu():
         pytest.skip("the emulation uses ucontext fibers (Linux)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler to build the emulated cuda backend")
-    from torch.utils.cpp_extension import load
+    from cuda_static_report import load_emulation
 
-    digest = hashlib.sha1()
-    for path in EMU_SOURCES:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    load(
-        name=f"lora_kernels_cuda_emu_{digest.hexdigest()[:10]}",
-        sources=[os.path.join(CSRC, "cuda", "emulation", "emulated_ops.cpp")],
-        extra_include_paths=[CSRC],
-        extra_cflags=["-O2", "-DLK_EMULATE", "-Wno-unknown-pragmas"],
-        is_python_module=False,
-    )
-    return torch.ops.lora_kernels_emu
+    return load_emulation()
 
 
 def _run_pair(ops, x, w, b, A, B, scaling, p, seed, grad_y, compute_dx=True):

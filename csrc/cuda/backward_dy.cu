@@ -30,7 +30,7 @@ struct DyParams {
 };
 
 template <typename T, int NR>
-__global__ void __launch_bounds__(kThreads) dy_pass_kernel(DyParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dy_pass_kernel(DyParams<T> p) {
   using Tl = Tiling<T>;
   using Mm = Mma<T>;
   using Acc = acc_t<T>;
@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(DyParams<T> p) {
       load_big_tile(ys, nullptr, p.dy, p.N, int64_t(1), m0, c0, p.M, p.N, p.dy_vec, none);
       load_small_tile<Tl::kBC, 16 * NR>(bs, kLdS, p.B + c0 * p.r + jbase, p.r, p.N - c0, p.r - jbase);
       __syncthreads();
-      // g[rows of this warp] += dY tile · B chunk
-#pragma unroll
+      // g[rows of this warp] += dY tile · B chunk. Unrolled by two, not fully: fully unrolled, the
+      // bf16 rank-64 instance needs more than the 128 registers two blocks per SM allow and spills.
+#pragma unroll 2
       for (int kk = 0; kk < Tl::kColTiles; ++kk) {
         typename Mm::template FragA<false> fa;
         Mm::load_a(fa, ys + warp * 16 * Tl::kLdChunk + kk * 16, Tl::kLdChunk);

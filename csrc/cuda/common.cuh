@@ -7,8 +7,12 @@
 // WMMA with its documented semantics); that is how the indexing is tested on machines without a GPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #ifdef LK_EMULATE
 #include "emulation/cuda_emulation.h"
@@ -28,7 +32,6 @@
 #ifdef LK_EMULATE
 #define LK_DYNAMIC_SMEM(name) unsigned char* name = ::lk_emu::shared_memory()
 #define LK_LAUNCH(kernel, grid, block, smem, stream, ...) ::lk_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#define LK_ALLOW_SMEM(kernel, bytes) ((void)0)
 #else
 #define LK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 // `kernel` is a function-pointer variable, so template arguments with commas stay out of the macro.
@@ -37,16 +40,28 @@
     kernel<<<grid, block, smem, stream>>>(__VA_ARGS__);     \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                         \
   } while (0)
-// Dynamic shared memory beyond 48 KiB must be opted into per kernel.
-#define LK_ALLOW_SMEM(kernel, bytes)                                                                      \
-  do {                                                                                                    \
-    if ((bytes) > 48 * 1024)                                                                              \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes))); \
-  } while (0)
 #endif
+#define LK_ALLOW_SMEM(kernel, bytes) ::lora_kernels::gpu::allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes)
 
 namespace lora_kernels {
 namespace gpu {
+
+// Dynamic shared memory beyond 48 KiB must be opted into, per kernel and device. The attribute is
+// process-wide state: setting it to each launch's own size lets another host thread (or a graph
+// capture) lower it between this thread's set and its launch. So it is only ever raised — to the
+// largest size asked for so far on that device — under a lock, and a launch never lowers it.
+inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> raised;  // (kernel, device) -> attribute set
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = raised[{kernel, device}];
+  if (bytes <= current) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  current = bytes;
+}
 
 #ifdef LK_EMULATE
 using half_t = c10::Half;
@@ -163,6 +178,11 @@ struct ScalarMma {
       c.v[i] = s;
     }
   }
+  // c += s·d, element by element (both accumulators of one warp have the same layout).
+  static LK_DEVICE void axpy(AccFrag& c, Acc s, const AccFrag& d) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c.v[i] += s * d.v[i];
+  }
   static LK_DEVICE void load_acc(AccFrag& c, const Acc* p, int ld) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -195,6 +215,10 @@ struct WmmaMma {
   template <typename FA, typename FB>
   static LK_DEVICE void mma(AccFrag& c, const FA& a, const FB& b) {
     nvcuda::wmma::mma_sync(c, a, b, c);
+  }
+  static LK_DEVICE void axpy(AccFrag& c, float s, const AccFrag& d) {
+#pragma unroll
+    for (int i = 0; i < c.num_elements; ++i) c.x[i] += s * d.x[i];
   }
   static LK_DEVICE void load_acc(AccFrag& c, const float* p, int ld) {
     nvcuda::wmma::load_matrix_sync(c, p, ld, nvcuda::wmma::mem_row_major);
@@ -285,10 +309,10 @@ LK_DEVICE uint32_t keep_octet(const DropoutState& d, uint64_t flat) {
 // --- tile loaders (all threads of the block call them) ------------------------------------------------
 
 // Rows [m0, m0+128) x columns [c0, c0+BC) of a big matrix (x or dY; any strides) into `tile`
-// (ld = kLdChunk). With dropout, dropped elements are stored as 0 (the 1/(1-p) factor is applied to
-// the results, which keeps the staged values exact) and, if `mask_out` is given, the keep bits of
-// each octet are stored there too ([128][BC/8] bytes). `cols` is the full width (K): the flat index
-// of (m, k) is m*cols + k.
+// (ld = kLdChunk). With dropout, dropped elements are stored as x·0 — 0, or NaN where x is NaN/Inf,
+// as torch's x·mask·scale gives (the 1/(1-p) factor is applied to the results, which keeps the
+// staged values exact) — and, if `mask_out` is given, the keep bits of each octet are stored there
+// too ([128][BC/8] bytes). `cols` is the full width (K): the flat index of (m, k) is m*cols + k.
 template <typename T>
 LK_DEVICE void load_big_tile(T* __restrict__ tile, uint8_t* __restrict__ mask_out, const T* __restrict__ src,
                              int64_t rs, int64_t cs, int64_t m0, int64_t c0, int64_t rows, int64_t cols, bool vec,
@@ -312,7 +336,7 @@ LK_DEVICE void load_big_tile(T* __restrict__ tile, uint8_t* __restrict__ mask_ou
       keep = keep_octet(d, static_cast<uint64_t>(m) * static_cast<uint64_t>(cols) + static_cast<uint64_t>(c));
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (!((keep >> j) & 1u)) v[i].v[j] = zero_of<T>();
+        if (!((keep >> j) & 1u)) v[i].v[j] = cast_to<T>(to_acc(v[i].v[j]) * acc_t<T>(0));
     }
     *reinterpret_cast<Octet<T>*>(tile + row * Tl::kLdChunk + 8 * oc) = v[i];
     if (mask_out != nullptr) mask_out[row * Tl::kOctetsPerRow + oc] = static_cast<uint8_t>(keep);
@@ -327,6 +351,56 @@ LK_DEVICE void load_small_tile(T* __restrict__ dst, int ld, const S* __restrict_
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
     const int i = idx / COLS, j = idx % COLS;
     dst[i * ld + j] = (i < rows_valid && j < cols_valid) ? convert_value<T>(src[i * rs + j]) : zero_of<T>();
+  }
+}
+
+// --- g = dY·B (fp32) as an operand of 16-bit tensor-core products ---------------------------------------
+// g stays fp32 (DESIGN §1): rounded to fp16 it overflows at 65504, which loss-scaled gradients reach,
+// and it carries more bits than the input dtype. Tensor cores take 16-bit operands, so a slice of g
+// is staged as two tiles with hi + lo = g·2^-e: hi is g·2^-e rounded to T, lo the rounding error
+// rounded to T (22 significant bits for fp16, 16 for bf16, against 11/8 for g rounded to T); both
+// are multiplied by the exact 16-bit operand and accumulated in fp32, and the result is scaled back
+// by 2^e. e is one power of two per staged slice, chosen so its largest finite |g| lands in
+// [2^13, 2^14): no overflow, and the scaling is exact. NaN/Inf in g pass through unchanged.
+
+// Whether a kernel over T stages g split (16-bit T) or as it is (fp32/fp64: g already has T's type).
+template <typename T>
+constexpr bool kSplitG = sizeof(T) == 2;
+
+// 2^e for the slice rows [0, rows_valid) x cols [0, cols) of src (row stride rs): the factor the
+// products of the staged slice are multiplied by. All threads call it; `slot` is 4 bytes of shared
+// memory. Barriers inside; the caller must have a barrier between its last read of a previous
+// result of this function and this call (the top-of-tile __syncthreads of every caller).
+LK_DEVICE float split_scale(const float* __restrict__ src, int64_t rs, int64_t rows_valid, int64_t cols, int rows,
+                            unsigned* slot) {
+  float m = 0.0f;
+  const int64_t n = std::min<int64_t>(rows, rows_valid) * cols;
+  for (int64_t idx = threadIdx.x; idx < n; idx += kThreads) {
+    const float a = fabsf(src[(idx / cols) * rs + idx % cols]);
+    if (a <= 3.402823466e38f) m = fmaxf(m, a);  // finite values only (NaN fails the test)
+  }
+  if (threadIdx.x == 0) *slot = 0u;
+  __syncthreads();
+  atomicMax(slot, __float_as_uint(m));  // non-negative floats order as their bit patterns
+  __syncthreads();
+  const float mx = __uint_as_float(*slot);
+  if (mx == 0.0f) return 1.0f;
+  int ex;
+  frexpf(mx, &ex);  // mx = f·2^ex, f in [0.5, 1)
+  return ldexpf(1.0f, std::max(-126, std::min(126, ex - 14)));
+}
+
+// A ROWS x COLS slice of fp32 src into hi and lo (leading dim ld): hi + lo = src·down (see above);
+// zero outside rows_valid x cols_valid.
+template <int ROWS, int COLS, typename T>
+LK_DEVICE void load_split_tile(T* __restrict__ hi, T* __restrict__ lo, int ld, const float* __restrict__ src,
+                               int64_t rs, int64_t rows_valid, int64_t cols_valid, float down) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
+    const int i = idx / COLS, j = idx % COLS;
+    const float v = (i < rows_valid && j < cols_valid) ? src[i * rs + j] * down : 0.0f;
+    const T h = cast_to<T>(v);
+    hi[i * ld + j] = h;
+    lo[i * ld + j] = cast_to<T>(v - to_acc(h));  // exact in fp32; NaN/Inf give NaN, as hi does
   }
 }
 

@@ -30,7 +30,7 @@ struct ProjectParams {
 };
 
 template <typename T, int NR>
-__global__ void __launch_bounds__(kThreads) project_kernel(ProjectParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) project_kernel(ProjectParams<T> p) {
   using Tl = Tiling<T>;
   using Mm = Mma<T>;
   LK_DYNAMIC_SMEM(smem);

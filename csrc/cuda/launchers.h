@@ -73,14 +73,33 @@ struct DeviceInfo {
 // The driver reserves 1 KiB of shared memory per resident block.
 constexpr size_t kSmemReservedPerBlock = 1024;
 
-// Blocks per SM that fit (at most two: enough loads in flight without an async-copy pipeline) and
-// the blocks that fill the GPU once.
-inline int64_t blocks_per_sm(const DeviceInfo& dev, size_t smem) {
+// Blocks per SM the plans aim for: two keep enough loads in flight without an async-copy pipeline.
+// Every kernel is compiled with __launch_bounds__(kThreads, kBlocksPerSm), so ptxas holds it to
+// 65536 / (256 · 2) = 128 registers per thread and registers never cut the SM to one block (without
+// the bound, the rank-64 kernels took 168–250 registers: one block per SM where the plan assumed
+// two). Shared memory is then the only limit, computed below; `cuda_static_report` checks both
+// against the compiled kernels (ptxas figures) for sm_80 and sm_90.
+constexpr int kBlocksPerSm = 2;
+constexpr int kRegistersPerSm = 65536;
+constexpr int kMaxRegisters = kRegistersPerSm / (kThreads * kBlocksPerSm);
+
+// The one exception: the bf16 x pass (dA + fused dX prefill) spills 8–16 bytes under the 128-register
+// bound on sm_90, so it is bound to one block per SM (no spills) and its plan assumes one.
+// TODO(GPU): measure whether two blocks with the small spill are faster.
+inline int x_pass_blocks_per_sm(DType t) { return t == DType::kBFloat16 ? 1 : kBlocksPerSm; }
+
+// Blocks per SM that fit (at most `cap`, the kernel's launch bound) and the blocks that fill the
+// GPU once.
+inline int64_t blocks_per_sm(const DeviceInfo& dev, size_t smem, int cap = kBlocksPerSm) {
   return std::max<int64_t>(
-      1, std::min<int64_t>(2, int64_t(dev.smem_per_sm / (std::max<size_t>(smem, 1) + kSmemReservedPerBlock))));
+      1, std::min<int64_t>(cap, int64_t(dev.smem_per_sm / (std::max<size_t>(smem, 1) + kSmemReservedPerBlock))));
 }
-inline int64_t target_blocks(const DeviceInfo& dev, size_t smem) {
-  return std::max<int64_t>(1, dev.num_sms * blocks_per_sm(dev, smem));
+inline int64_t target_blocks(const DeviceInfo& dev, size_t smem, int cap = kBlocksPerSm) {
+  return std::max<int64_t>(1, dev.num_sms * blocks_per_sm(dev, smem, cap));
+}
+// The fraction of the slots busy over the waves a grid of `blocks` takes (1 = whole waves only).
+inline double wave_efficiency(int64_t blocks, int64_t slots) {
+  return double(blocks) / double(ceil_div(blocks, slots) * slots);
 }
 
 // --- xa = dropout(x)·Aᵀ (dropout_project.cu) ---------------------------------------------------------
@@ -103,11 +122,13 @@ inline ProjectPlan plan_project(int64_t M, int64_t K, int64_t r, DType t, const 
   p.off_a = c.add(size_t(16 * p.nr) * ld_chunk(es) * es);
   p.off_scratch = c.add(size_t(kWarps) * 16 * ld_scratch(aes) * aes);
   p.smem = c.bytes;
-  // Few rows (decode): split K so the GPU is not left idle; each split walks >= 4 chunks.
+  // Few rows (decode, or M = 8192 on 132 SMs): split K so the GPU is not left idle, with as many
+  // splits as fit one wave (rounding up would start a second, mostly empty wave: 320 blocks for 264
+  // slots); each split walks >= 4 chunks.
   const int64_t row_tiles = ceil_div(M, kRowTile), k_chunks = ceil_div(K, bc);
   const int64_t blocks = row_tiles * p.r_chunks, want = target_blocks(dev, p.smem);
   int64_t splits = 1;
-  if (blocks < want) splits = std::max<int64_t>(1, std::min(ceil_div(want, blocks), k_chunks / 4));
+  if (blocks < want) splits = std::max<int64_t>(1, std::min(want / blocks, k_chunks / 4));
   p.k_per_split = ceil_div(k_chunks, splits) * bc;
   p.splits = static_cast<int>(ceil_div(K, p.k_per_split));
   p.workspace = p.splits > 1 ? p.splits * M * r : 0;
@@ -135,18 +156,25 @@ enum class ExpandMode { kOutput, kGradInput };
 
 struct ExpandPlan {
   int nr = 1;
-  size_t smem = 0, off_s = 0, off_op = 0, off_scratch = 0;
+  size_t smem = 0, off_s = 0, off_s_lo = 0, off_op = 0, off_scratch = 0, off_gmax = 0;
 };
+
+// 16-bit inputs stage g (fp32) as hi + lo tiles for the tensor cores (common.cuh, load_split_tile):
+// the lo tile and a 4-byte slot for the slice's scale take shared memory too.
+inline bool splits_g(DType t) { return element_size(t) == 2; }
 
 inline ExpandPlan plan_expand(int64_t r, ExpandMode mode, DType t) {
   const int es = element_size(t), aes = acc_size(t), bc = chunk_cols(es);
   ExpandPlan p;
   p.nr = pick_rank_tiles(r, es);
   SmemCarver c;
+  const bool split = mode == ExpandMode::kGradInput && splits_g(t);
   p.off_s = c.add(size_t(kRowTile) * ld_rank(es, p.nr) * es);
+  p.off_s_lo = c.add(split ? size_t(kRowTile) * ld_rank(es, p.nr) * es : 0);
   p.off_op = c.add(mode == ExpandMode::kOutput ? size_t(bc) * ld_rank(es, p.nr) * es
                                                : size_t(16 * p.nr) * ld_chunk(es) * es);
   p.off_scratch = c.add(size_t(kWarps) * 16 * ld_scratch(aes) * aes);
+  p.off_gmax = c.add(split ? sizeof(unsigned) : 0);
   p.smem = c.bytes;
   return p;
 }
@@ -181,7 +209,8 @@ struct SpanPlan {
   int nr = 1, r_chunks = 1;
   int num_sms = 1;
   int64_t rows_per_span = 0, m_spans = 1, cols_per_span = 0, c_spans = 1;
-  size_t smem = 0, off_big = 0, off_op = 0, off_rank = 0, off_mask = 0, off_scratch = 0, off_acc = 0;
+  size_t smem = 0, off_big = 0, off_op = 0, off_rank = 0, off_rank_lo = 0, off_mask = 0, off_scratch = 0, off_gmax = 0,
+         off_acc = 0;
   double traffic = 0;  // the model's estimate: bytes moved, inflated when one block per SM fits
   double cost = -1;    // ... and further when the grid does not fill the GPU (what the search minimises)
 };
@@ -196,9 +225,13 @@ inline SpanPlan plan_span(int64_t M, int64_t C, int64_t r, DType t, const Device
   SmemCarver fixed;
   p.off_big = fixed.add(size_t(kRowTile) * ld_chunk(es) * es);
   p.off_op = fixed.add(x_pass ? size_t(16 * p.nr) * ld_chunk(es) * es : size_t(bc) * ld_rank(es, p.nr) * es);
+  const bool split = x_pass && splits_g(t);  // the x pass multiplies by g: hi + lo tiles
+  const int cap = x_pass ? x_pass_blocks_per_sm(t) : kBlocksPerSm;
   p.off_rank = fixed.add(size_t(kRowTile) * ld_rank(es, p.nr) * es);
+  p.off_rank_lo = fixed.add(split ? size_t(kRowTile) * ld_rank(es, p.nr) * es : 0);
   p.off_mask = fixed.add(x_pass ? size_t(kRowTile) * (bc / 8) : 0);
   p.off_scratch = fixed.add(size_t(kWarps) * 16 * ld_scratch(aes) * aes);
+  p.off_gmax = fixed.add(split ? sizeof(unsigned) : 0);
   const size_t base = (fixed.bytes + 127) / 128 * 128;
   const size_t acc_row = size_t(ld_rank(aes, p.nr)) * aes;
   const size_t room = dev.max_smem_per_block > base ? dev.max_smem_per_block - base : 0;
@@ -206,11 +239,12 @@ inline SpanPlan plan_span(int64_t M, int64_t C, int64_t r, DType t, const Device
   const double Md = double(M), Cd = double(C), rd = double(r);
 
   SpanPlan best;
-  // Accumulator budgets tried: what keeps two blocks per SM, and what one block may have.
-  for (int per_sm = 2; per_sm >= 1; --per_sm) {
+  // Accumulator budgets tried: what keeps two blocks per SM (where the kernel allows two), and what
+  // one block may have.
+  for (int per_sm = cap; per_sm >= 1; --per_sm) {
     size_t budget = room;
-    if (dev.acc_budget != 0) {  // fixed by the caller (the CPU emulation uses tiny budgets)
-      if (per_sm == 1) break;
+    if (dev.acc_budget != 0) {  // fixed by the caller (the CPU emulation uses tiny budgets): one try
+      if (per_sm < cap) break;
       budget = std::min(budget, dev.acc_budget);
     } else if (per_sm == 2) {
       const size_t share = dev.smem_per_sm / 2;
@@ -230,8 +264,10 @@ inline SpanPlan plan_span(int64_t M, int64_t C, int64_t r, DType t, const Device
       SmemCarver cc = fixed;
       q.off_acc = cc.add(size_t(q.cols_per_span) * acc_row);
       q.smem = cc.bytes;
-      const int64_t slots = target_blocks(dev, q.smem);
-      const int64_t m_want = std::min(row_tiles, std::max<int64_t>(1, ceil_div(slots, q.c_spans * q.r_chunks)));
+      const int64_t slots = target_blocks(dev, q.smem, cap);
+      // As many row spans as fit the slots left by the column spans (rounding up would start a
+      // second, mostly empty wave).
+      const int64_t m_want = std::min(row_tiles, std::max<int64_t>(1, slots / (q.c_spans * q.r_chunks)));
       q.rows_per_span = ceil_div(row_tiles, m_want) * kRowTile;
       q.m_spans = ceil_div(M, q.rows_per_span);
       // Traffic (bytes): the streamed matrix (once per rank chunk); partials written and read back;
@@ -241,10 +277,9 @@ inline SpanPlan plan_span(int64_t M, int64_t C, int64_t r, DType t, const Device
       if (x_pass) cost += cs * Md * rd * aes / 3.0;
       else cost += (q.c_spans > 1 ? 2.0 * cs * Md * rd * aes : 0.0) + cs * Md * rd * es / 3.0;
       // One block per SM keeps fewer loads in flight (estimate: 70% of the bandwidth); a grid
-      // smaller than the GPU leaves SMs idle.
-      q.traffic = cost / (blocks_per_sm(dev, q.smem) >= 2 ? 1.0 : 0.7);
-      const double blocks = double(q.m_spans * q.c_spans * q.r_chunks);
-      q.cost = q.traffic / std::min(1.0, blocks / double(slots));
+      // that leaves slots idle (smaller than the GPU, or a partial last wave) costs its idle share.
+      q.traffic = cost / (blocks_per_sm(dev, q.smem, cap) >= 2 ? 1.0 : 0.7);
+      q.cost = q.traffic / wave_efficiency(q.m_spans * q.c_spans * q.r_chunks, slots);
       if (best.cost < 0 || q.cost < best.cost) best = q;
     }
   }

@@ -10,7 +10,8 @@
 //
 // A block computes a 128 x BC output tile: the 128 x r slice of xa (or g) and the r x BC slice of B
 // (or A) go through shared memory, the warps multiply on tensor cores, and the epilogue adds the bias
-// or applies the regenerated mask in fp32 before one rounding to the output dtype.
+// or applies the regenerated mask in fp32 before one rounding to the output dtype. g stays fp32: for
+// 16-bit outputs it is staged as hi + lo tiles (common.cuh, load_split_tile), never rounded to T.
 #include "cuda/common.cuh"
 
 namespace lora_kernels {
@@ -29,16 +30,19 @@ struct ExpandParams {
   uint32_t threshold;
   T* out;
   bool out_vec;
-  uint32_t off_s, off_op, off_scratch;
+  uint32_t off_s, off_s_lo, off_op, off_scratch, off_gmax;
 };
 
 template <typename T, typename S, int NR>
-__global__ void __launch_bounds__(kThreads) expand_kernel(ExpandParams<T, S> p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) expand_kernel(ExpandParams<T, S> p) {
   using Tl = Tiling<T>;
   using Mm = Mma<T>;
   constexpr int kLdS = Tl::ld_rank_tiles(NR);
+  // g (S = fp32) against 16-bit T: staged as hi + lo; xa (S = T) and fp32/fp64 g as they are.
+  constexpr bool kSplit = !std::is_same<T, S>::value && kSplitG<T>;
   LK_DYNAMIC_SMEM(smem);
   T* ss = reinterpret_cast<T*>(smem + p.off_s);
+  T* ss_lo = reinterpret_cast<T*>(smem + p.off_s_lo);
   T* ot = reinterpret_cast<T*>(smem + p.off_op);
   const int warp = threadIdx.x / 32;
   acc_t<T>* scratch = reinterpret_cast<acc_t<T>*>(smem + p.off_scratch) + warp * 16 * Tl::kLdScratch;
@@ -51,9 +55,17 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandParams<T, S> p) 
 #pragma unroll
   for (int t = 0; t < Tl::kColTiles; ++t) Mm::zero(acc[t]);
 
+  // One scale for the block's rows of g over the whole rank: the accumulators span the rank chunks.
+  acc_t<T> g_up = acc_t<T>(1);
+  if constexpr (kSplit)
+    g_up = split_scale(p.s_mat + m0 * p.r, p.r, p.M - m0, p.r, kRowTile, reinterpret_cast<unsigned*>(smem + p.off_gmax));
+
   for (int64_t jb = 0; jb < p.r; jb += 16 * NR) {
     __syncthreads();
-    load_small_tile<kRowTile, 16 * NR>(ss, kLdS, p.s_mat + m0 * p.r + jb, p.r, p.M - m0, p.r - jb);
+    if constexpr (kSplit)
+      load_split_tile<kRowTile, 16 * NR>(ss, ss_lo, kLdS, p.s_mat + m0 * p.r + jb, p.r, p.M - m0, p.r - jb, 1.0f / g_up);
+    else
+      load_small_tile<kRowTile, 16 * NR>(ss, kLdS, p.s_mat + m0 * p.r + jb, p.r, p.M - m0, p.r - jb);
     if (!p.grad_input) {
       // ot[c][j] = B[c0 + c][jb + j]
       load_small_tile<Tl::kBC, 16 * NR>(ot, kLdS, p.op + c0 * p.r + jb, p.r, p.C - c0, p.r - jb);
@@ -64,8 +76,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandParams<T, S> p) 
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < NR; ++kk) {
-      typename Mm::template FragA<false> fa;
+      typename Mm::template FragA<false> fa, fa_lo;
       Mm::load_a(fa, ss + warp * 16 * kLdS + kk * 16, kLdS);
+      if constexpr (kSplit) Mm::load_a(fa_lo, ss_lo + warp * 16 * kLdS + kk * 16, kLdS);
 #pragma unroll
       for (int ct = 0; ct < Tl::kColTiles; ++ct) {
         if (!p.grad_input) {
@@ -76,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandParams<T, S> p) 
           typename Mm::template FragB<false> fb;  // (j, c) = ot[j][c]
           Mm::load_b(fb, ot + kk * 16 * Tl::kLdChunk + ct * 16, Tl::kLdChunk);
           Mm::mma(acc[ct], fa, fb);
+          if constexpr (kSplit) Mm::mma(acc[ct], fa_lo, fb);
         }
       }
     }
@@ -96,8 +110,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandParams<T, S> p) 
         }
       } else {
         const uint32_t keep = d.on ? keep_octet(d, static_cast<uint64_t>(m) * static_cast<uint64_t>(p.C) + c) : 0xFFu;
+        const acc_t<T> scale = p.scale * g_up;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o.v[j] = cast_to<T>(((keep >> j) & 1u) ? p.scale * v[j] : acc_t<T>(0));
+        for (int j = 0; j < 8; ++j) o.v[j] = cast_to<T>(v[j] * acc_t<T>((keep >> j) & 1u) * scale);  // NaN·0 = NaN
       }
       store_octet(p.out + m * p.C, c, p.C, o, p.out_vec);
     });
@@ -121,8 +136,10 @@ void run_expand(const ExpandArgs& a, const ExpandPlan& plan, cudaStream_t stream
   p.out = static_cast<T*>(a.out);
   p.out_vec = a.C % 8 == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
   p.off_s = static_cast<uint32_t>(plan.off_s);
+  p.off_s_lo = static_cast<uint32_t>(plan.off_s_lo);
   p.off_op = static_cast<uint32_t>(plan.off_op);
   p.off_scratch = static_cast<uint32_t>(plan.off_scratch);
+  p.off_gmax = static_cast<uint32_t>(plan.off_gmax);
   const dim3 grid(static_cast<unsigned>(ceil_div(a.M, kRowTile)), static_cast<unsigned>(ceil_div(a.C, Tiling<T>::kBC)));
   dispatch_rank_tiles<T>(plan.nr, [&](auto nr) {
     auto kernel = &expand_kernel<T, S, decltype(nr)::value>;

@@ -20,11 +20,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -45,6 +47,36 @@ using cudaStream_t = void*;
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+
+// --- runtime API: the per-kernel dynamic shared-memory attribute, as the driver keeps it ---------------
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+#define C10_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                       \
+    if ((expr) != cudaSuccess) throw std::runtime_error("lk_emu: " #expr " failed");       \
+  } while (0)
+
+namespace lk_emu {
+
+// The attribute of each kernel (by its address): a launch with more dynamic shared memory than
+// max(48 KiB, attribute) fails, as on a GPU.
+inline std::map<const void*, int>& smem_attributes() {
+  static std::map<const void*, int> attrs;
+  return attrs;
+}
+constexpr int kEmulatedSmemOptin = 99 * 1024;
+
+}  // namespace lk_emu
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute, int value) {
+  if (value < 0 || value > ::lk_emu::kEmulatedSmemOptin) return cudaErrorInvalidValue;
+  ::lk_emu::smem_attributes()[kernel] = value;
+  return cudaSuccess;
+}
 
 namespace lk_emu {
 
@@ -119,6 +151,13 @@ inline Stacks& stacks() {
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&... args) {
   if (block.y != 1 || block.z != 1) throw std::runtime_error("lk_emu: only 1-D blocks are emulated");
+  if (smem_bytes > 48 * 1024) {
+    const auto it = smem_attributes().find(reinterpret_cast<const void*>(kernel));
+    if (it == smem_attributes().end() || size_t(it->second) < smem_bytes)
+      throw std::runtime_error("lk_emu: launch with " + std::to_string(smem_bytes) +
+                               " bytes of dynamic shared memory above the kernel's attribute " +
+                               std::to_string(it == smem_attributes().end() ? 48 * 1024 : it->second));
+  }
   const unsigned n = block.x;
   Launch l;
   l.grid = grid;
@@ -202,6 +241,22 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&.
 #define gridDim (::lk_emu::grid_dim())
 
 inline void __syncthreads() { ::lk_emu::yield_as(::lk_emu::State::kBlockBarrier); }
+// Fibers of a block never run at the same time: a plain read-modify-write is atomic.
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  if (v > old) *p = v;
+  return old;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { ::lk_emu::yield_as(::lk_emu::State::kWarpBarrier); }
 
 // --- WMMA with the API's semantics -----------------------------------------------------------------------
@@ -218,6 +273,7 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 is emulated");
+  static constexpr int num_elements = 256;
   T x[256];  // element (i, j) at x[i*16 + j], whatever the layout
 };
 

@@ -34,8 +34,47 @@ std::vector<int64_t> plan_info(int64_t M, int64_t K, int64_t N, int64_t r, c10::
           xp.m_spans, xp.c_spans, xp.r_chunks};
 }
 
+// The launch plans on a described GPU (for the static report: tests/cuda_static_report.py), per
+// kernel: [grid blocks, dynamic smem bytes, blocks per SM the plan assumes, rank tiles NR] for
+// project, dY pass, x pass, dX prefill (expand, kGradInput) and output expand, flattened.
+std::vector<int64_t> plan_on_device(int64_t M, int64_t K, int64_t N, int64_t r, c10::ScalarType dtype, int64_t num_sms,
+                                    int64_t smem_per_sm, int64_t smem_optin) {
+  using namespace lora_kernels::gpu;
+  const DType dt = dtype_of(at::empty({0}, at::TensorOptions().dtype(dtype)));
+  DeviceInfo dev;
+  dev.num_sms = static_cast<int>(num_sms);
+  dev.smem_per_sm = static_cast<size_t>(smem_per_sm);
+  dev.max_smem_per_block = static_cast<size_t>(smem_optin);
+  const int64_t bc = chunk_cols(element_size(dt));
+  const ProjectPlan pp = plan_project(M, K, r, dt, dev);
+  const SpanPlan yp = plan_dy(M, N, r, dt, dev);
+  const SpanPlan xp = plan_dx(M, K, r, dt, dev);
+  const ExpandPlan gp = plan_expand(r, ExpandMode::kGradInput, dt);
+  const ExpandPlan op = plan_expand(r, ExpandMode::kOutput, dt);
+  const int64_t row_tiles = ceil_div(M, kRowTile);
+  return {row_tiles * pp.splits * pp.r_chunks, int64_t(pp.smem), blocks_per_sm(dev, pp.smem), pp.nr,
+          yp.m_spans * yp.c_spans * yp.r_chunks, int64_t(yp.smem), blocks_per_sm(dev, yp.smem), yp.nr,
+          xp.m_spans * xp.c_spans * xp.r_chunks, int64_t(xp.smem), blocks_per_sm(dev, xp.smem, x_pass_blocks_per_sm(dt)), xp.nr,
+          row_tiles * ceil_div(K, bc), int64_t(gp.smem), blocks_per_sm(dev, gp.smem), gp.nr,
+          row_tiles * ceil_div(N, bc), int64_t(op.smem), blocks_per_sm(dev, op.smem), op.nr};
+}
+
+// The dynamic shared-memory attribute of every kernel that has one, as [kernel address, bytes]
+// pairs (flattened), to check that launches only ever raise it.
+std::vector<int64_t> smem_attributes() {
+  std::vector<int64_t> out;
+  for (const auto& kv : ::lk_emu::smem_attributes()) {
+    out.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(kv.first)));
+    out.push_back(kv.second);
+  }
+  return out;
+}
+
 TORCH_LIBRARY(lora_kernels_emu, m) {
   m.def("plan_info(int M, int K, int N, int r, ScalarType dtype) -> int[]", &plan_info);
+  m.def("plan_on_device(int M, int K, int N, int r, ScalarType dtype, int num_sms, int smem_per_sm, int smem_optin) -> int[]",
+        &plan_on_device);
+  m.def("smem_attributes() -> int[]", &smem_attributes);
   m.def(
       "fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
