@@ -18,6 +18,8 @@ help:
 	@echo "make bench-full   the long CPU benchmark (today's three shapes, ~30 min on 2 cores)"
 	@echo "make sdist        build dist/lora_kernels-<version>.tar.gz"
 	@echo "make sdist-check  build the sdist, check its contents, install it into a fresh venv and smoke-test it"
+	@echo "make peft-suite   PEFT's own LoRA tests, plainly and patched (PEFT_SUITE_ARGS=--full: every LoRA file)"
+	@echo "make gpu-check    on a machine with one NVIDIA GPU: CUDA build, gpu tests, GPU benchmark (<= 8 min)"
 	@echo "make lint         ruff check (installs ruff into ./.venv on first use)"
 	@echo "make clean        remove build outputs and benchmark scratch"
 
