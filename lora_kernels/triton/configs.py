@@ -222,8 +222,10 @@ def smem_da(bm, bk, stages, elem, r_pad):
 # bytes once a thread owns more than this many accumulator elements (e.g. 128x128 on 4 warps).
 MASKED_ACC_PER_THREAD = 64
 # F1 makes the mask inside the main loop, next to the Philox state of a whole x tile: sm80 spills
-# (232 bytes at 128x64 on 4 warps) above this.
+# (232 bytes at 128x64 on 4 warps) above this many accumulators, sm90 (4 bytes at 16x32x256 on 2
+# warps) above this many 8-element mask groups a thread per K step.
 F1_MASKED_ACC_PER_THREAD = 32
+F1_MASK_GROUPS_PER_THREAD = 4
 # F1 keeps a (BLOCK_M, R_PAD) fp32 accumulator for xa next to the GEMM's: beyond this R_PAD it
 # spills, so F1 is not offered ("auto" never picks it; an explicit "F1" is refused).
 F1_MAX_R_PAD = 64
@@ -244,7 +246,7 @@ def _no_config(kernel: str, r_pad: int, limit: int):
     )
 
 
-def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel):
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0):
     small_m = named_args["M_BUCKET"] <= SMALL_M
     elem = _elem(named_args, "w_ptr")
     r_pad = kwargs.get("R_PAD", 16)
@@ -254,10 +256,12 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
         raise _no_config(kernel, r_pad, limit)
     kept = []
     for c in fits:
-        bm, out, _, _, warps, _ = tiles = _tiles(c, out_cols, step)
+        bm, out, red, _, warps, _ = tiles = _tiles(c, out_cols, step)
         if tiles in _FALLBACK or (tiles in _SMALL) != small_m:
             continue
         if mask_acc and bm * out > mask_acc * 32 * warps:
+            continue
+        if mask_groups and bm * red // 8 > mask_groups * 32 * warps:
             continue
         kept.append(c)
     # Every survivor of `fits` was checked; the last one is the smallest tile that fits.
@@ -275,7 +279,9 @@ def prune_fwd(configs, named_args, **kwargs):
         return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
 
     mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM")
+    mask_groups = F1_MASK_GROUPS_PER_THREAD if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM",
+                       mask_groups)
 
 
 def prune_dx(configs, named_args, **kwargs):
