@@ -13,35 +13,28 @@ from helpers import assert_close, eager_same_dtype, make_inputs, oracle
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, deadline=None)
-@given(
+# Everything but the dtype: the same strategies for every backend.
+CASE = dict(
     lead=st.lists(st.integers(0, 5), min_size=0, max_size=3),
     k=st.integers(1, 70),
     n=st.integers(1, 40),
     r=st.integers(1, 20),
-    dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
     p=st.sampled_from([0.0, 0.1, 0.5, 0.75]),
     transpose=st.booleans(),
     bias=st.booleans(),
     scaling=st.floats(-4, 4),
 )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]), **CASE)
 def test_random_cases_match_oracle(backend, lead, k, n, r, dtype, p, transpose, bias, scaling):
     _check_random_case(backend, lead, k, n, r, dtype, p, transpose, bias, scaling)
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    lead=st.lists(st.integers(0, 5), min_size=0, max_size=3),
-    k=st.integers(1, 70),
-    n=st.integers(1, 40),
-    r=st.integers(1, 20),
-    dtype=st.sampled_from([torch.float32, torch.float16]),  # the interpreter cannot run bf16 tl.dot
-    p=st.sampled_from([0.0, 0.1, 0.5, 0.75]),
-    transpose=st.booleans(),
-    bias=st.booleans(),
-    scaling=st.floats(-4, 4),
-)
+@given(dtype=st.sampled_from([torch.float32, torch.float16]), **CASE)  # the interpreter cannot run bf16 tl.dot
 def test_random_cases_match_oracle_triton(lead, k, n, r, dtype, p, transpose, bias, scaling):
     """The triton kernels, interpreted on the CPU (test_triton's import decorates them so)."""
     pytest.importorskip("triton")
