@@ -163,17 +163,18 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
     gemm = configs.gemm_configs(interpret=False, capability=cap)
     dxc = configs.dx_configs(interpret=False, capability=cap)
 
-    def fwd_sel(fused, drop):
+    def fwd_sel(fused, drop, aligned=True):
         return _unique([c for b in M_BUCKETS for c in configs.prune_fwd(
-            gemm, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, FUSE_XA=fused, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+            gemm, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, FUSE_XA=fused, HAS_DROPOUT=drop, K_ALIGNED=aligned,
+            SMEM_LIMIT=limit)])
 
     def fwd_model(fused):
         return lambda c: configs.smem_fwd(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                           c.num_stages, elem, r_pad, fused)
 
-    def dx_sel(drop):  # every autotune survivor; the pinned (deterministic) config is the first of them
+    def dx_sel(drop, aligned):  # every autotune survivor; the pinned (deterministic) config is the first of them
         return _unique([c for b in M_BUCKETS for c in configs.prune_dx(
-            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, K_ALIGNED=aligned, SMEM_LIMIT=limit)])
 
     def dx_model(c):
         return configs.smem_dx(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_stages, elem,
@@ -187,7 +188,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
             consts = dict(HAS_BIAS=True, HAS_DROPOUT=drop, FUSE_XA=True, K_ALIGNED=aligned, R_PAD=r_pad,
                           DOT_PRECISION=prec)
             out.append(("fwd", f"F1 dropout={drop} aligned={aligned}", fwd._lora_fwd_kernel, consts,
-                        fwd_sel(True, drop), fwd_model(True)))
+                        fwd_sel(True, drop, aligned), fwd_model(True)))
     out.append(("fwd", "F2", fwd._lora_fwd_kernel,
                 dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec),
                 fwd_sel(False, False), fwd_model(False)))
@@ -212,7 +213,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
     dx_variants = [(True, True), (True, False), (False, True)]
     for drop, aligned in (dx_variants[:1] if quick else dx_variants):
         consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec)
-        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop),
+        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop, aligned),
                     dx_model))
     for name, variant, kernel, consts, cfgs, model in out:
         if not consts.get("HAS_DROPOUT", True):
