@@ -320,9 +320,10 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
 
 
 def prune_fwd(configs, named_args, **kwargs):
-    """Decode configs for M <= SMALL_M, the others above; no spilling tile sizes when F1 makes the
-    mask in its main loop; only configs whose shared memory (`smem_fwd`) fits the device. Raises
-    ValueError naming r when none fits."""
+    """Decode configs for M <= SMALL_M, the others above (fp32: only `fp32_tiles`, at any M); no
+    spilling tile sizes for F1 (its xa accumulator, and the mask it makes in its main loop); only
+    configs whose shared memory (`smem_fwd`) fits the device. Raises ValueError naming r when none
+    fits."""
     fused = kwargs.get("FUSE_XA", False)
     mask = fused and kwargs.get("HAS_DROPOUT", False)
 
@@ -337,7 +338,7 @@ def prune_fwd(configs, named_args, **kwargs):
 
 def prune_dx(configs, named_args, **kwargs):
     """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
-    makes the mask when there is dropout."""
+    makes the mask when there is dropout (fewer accumulators a thread when K % 8 != 0 or R_PAD >= 64)."""
     mask = kwargs.get("HAS_DROPOUT", False)
 
     def smem(t, elem, rp):
@@ -350,7 +351,8 @@ def prune_dx(configs, named_args, **kwargs):
 
 def prune_stream(configs, named_args, **kwargs):
     """xa pre-pass: rows per program no larger than the next power of two of M (decode M gets
-    16/32-row tiles), and shared memory (`smem_xa`) within the device's limit."""
+    16/32-row tiles; fp32: only the small `_XA_FP32_*` tiles), and shared memory (`smem_xa`)
+    within the device's limit."""
     m = named_args["M_BUCKET"]
     elem = _elem(named_args, "x_ptr")
     r_pad = kwargs.get("R_PAD", 16)
