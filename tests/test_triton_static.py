@@ -225,7 +225,8 @@ def test_spilling_shapes_are_not_selected(arch):
                             assert _per_thread(c, "BLOCK_M", "BLOCK_N") <= 64, c
                             if drop:
                                 groups = c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] // 8 + (not aligned))
-                                assert groups <= configs.F1_MASK_GROUPS_PER_THREAD * 32 * c.num_warps, c
+                                cap = configs.F1_MASK_GROUPS_PER_THREAD if aligned else 2
+                                assert groups <= cap * 32 * c.num_warps or (len(f1) == 1 and c is f1[-1]), c
                         if drop and (not aligned or rp >= 64):
                             assert all(_per_thread(c, "BLOCK_M", "BLOCK_K") <= 32 for c in dx), dx
                 xa = configs.prune_stream(xac, named, R_PAD=rp, SMEM_LIMIT=limit)

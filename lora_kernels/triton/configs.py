@@ -79,7 +79,10 @@ _FALLBACK = [
 # sm80/sm90, AOT) spills from 32x64x32/4 warps up at R_PAD 64 (the epilogue's g·A tile) and from
 # 64x64x64/4 warps up at R_PAD 16. fp32 (either precision) selects only these, at any M.
 _FP32_R16 = [(32, 64, 32, 1, 4, 4), (32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
-_FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]  # R_PAD > 16
+# R_PAD 32-64: 32x32 only (sm86 spills 36 bytes at 16x32x32/4 warps in F1, dropout, K % 8 != 0);
+# R_PAD > 64 adds 16x32, which fits shared memory at R_PAD 256 on sm86.
+_FP32_MID_R = [(32, 32, 32, 1, 4, 2)]
+_FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
@@ -264,6 +267,10 @@ F1_ACC_PER_THREAD = 64
 # warps) above this many 8-element mask groups a thread per K step.
 F1_MASKED_ACC_PER_THREAD = 32
 F1_MASK_GROUPS_PER_THREAD = 4
+# With K % 8 != 0 (spill groups counted) F1 spills at 2.1 groups a thread (sm90 16x128x128, 28
+# bytes) and at 32x128x64 (sm86/sm90, R_PAD 16): this forced-only path (auto runs F2 with
+# dropout) keeps at most 2, which leaves the smallest tile.
+F1_UNALIGNED_MASK_GROUPS_PER_THREAD = 2
 # F1 keeps a (BLOCK_M, R_PAD) fp32 accumulator for xa next to the GEMM's: beyond this R_PAD it
 # spills, so F1 is not offered ("auto" never picks it; an explicit "F1" is refused).
 F1_MAX_R_PAD = 64
@@ -286,7 +293,7 @@ def _no_config(kernel: str, r_pad: int, limit: int):
 
 def fp32_tiles(r_pad: int) -> list:
     """The GEMM tiles fp32 inputs may select at `r_pad` (see `_FP32_R16`)."""
-    return _FP32_R16 if r_pad <= 16 else _FP32_WIDE_R
+    return _FP32_R16 if r_pad <= 16 else _FP32_MID_R if r_pad <= 64 else _FP32_WIDE_R
 
 
 def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0):
@@ -331,7 +338,8 @@ def prune_fwd(configs, named_args, **kwargs):
         return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
 
     mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
-    mask_groups = F1_MASK_GROUPS_PER_THREAD if mask else 0
+    aligned = kwargs.get("K_ALIGNED", True)
+    mask_groups = (F1_MASK_GROUPS_PER_THREAD if aligned else F1_UNALIGNED_MASK_GROUPS_PER_THREAD) if mask else 0
     return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM",
                        mask_groups, F1_ACC_PER_THREAD if fused else 0)
 
