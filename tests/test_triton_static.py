@@ -186,3 +186,56 @@ def test_static_report_full(request):
         pytest.skip("every kernel x config x dtype x R_PAD for sm80/86/90 (hours on 2 cores); run with -m slow")
     proc = _compile_check("--report", "--jobs", str(os.cpu_count() or 1), timeout=None)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+
+
+def _per_thread(c, rows, cols):
+    return c.kwargs[rows] * c.kwargs[cols] // (32 * c.num_warps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spilling_shapes_are_not_selected(arch):
+    """The shapes ptxas spilled at R_PAD <= 64 in the static report of a036631 stay out of
+    selection (the report proves the survivors spill-free; this pins the rules on the host):
+    fp32 GEMMs <= 16 accumulators a thread and K steps of 32, fp32 streams small tiles; the dY
+    pass on 8 warps for 128-column tiles at R_PAD 64; 16-bit dA tiles <= 64 x 64; the dX dropout
+    epilogue <= 32 accumulators a thread when K % 8 != 0 or R_PAD 64; F1 <= 64 accumulators a
+    thread, its mask groups counting each row's spill group when K % 8 != 0."""
+    cap, limit = ARCHS[arch], configs.SMEM_LIMIT_BY_ARCH[arch]
+    gemm = configs.gemm_configs(interpret=False, capability=cap)
+    dxc = configs.dx_configs(interpret=False, capability=cap)
+    xac = configs.xa_configs(interpret=False)
+    for dtype in DTYPES:
+        w, elem = _meta(dtype), dtype.itemsize
+        for rp in (16, 32, 64):
+            for bucket in (16, 8192):
+                named = {"M_BUCKET": bucket, "w_ptr": w, "x_ptr": w}
+                for aligned in (True, False):
+                    for drop in (True, False):
+                        flags = dict(R_PAD=rp, HAS_DROPOUT=drop, K_ALIGNED=aligned, SMEM_LIMIT=limit)
+                        f1 = configs.prune_fwd(gemm, named, FUSE_XA=True, **flags)
+                        f2 = configs.prune_fwd(gemm, named, FUSE_XA=False, **flags)
+                        dx = configs.prune_dx(dxc, named, **flags)
+                        if elem == 4:
+                            for c in f1 + f2:
+                                assert _per_thread(c, "BLOCK_M", "BLOCK_N") <= 16 and c.kwargs["BLOCK_K"] <= 32, c
+                            for c in dx:
+                                assert _per_thread(c, "BLOCK_M", "BLOCK_K") <= 16 and c.kwargs["BLOCK_N"] <= 32, c
+                            continue
+                        for c in f1:
+                            assert _per_thread(c, "BLOCK_M", "BLOCK_N") <= 64, c
+                            if drop:
+                                groups = c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] // 8 + (not aligned))
+                                cap = configs.F1_MASK_GROUPS_PER_THREAD if aligned else 2
+                                assert groups <= cap * 32 * c.num_warps or (len(f1) == 1 and c is f1[-1]), c
+                        if drop and (not aligned or rp >= 64):
+                            assert all(_per_thread(c, "BLOCK_M", "BLOCK_K") <= 32 for c in dx), dx
+                xa = configs.prune_stream(xac, named, R_PAD=rp, SMEM_LIMIT=limit)
+                gdb = configs.gdb_config(bucket, elem, rp, limit, interpret=False)
+                da = configs.da_config(bucket, elem, rp, limit, interpret=False)
+                if elem == 4:
+                    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 64 for c in xa), xa
+                    assert gdb.kwargs["BLOCK_M"] * gdb.kwargs["BLOCK_N"] <= (32 * 64 if rp <= 16 else 16 * 32), gdb
+                    assert da.kwargs["BLOCK_M"] * da.kwargs["BLOCK_K"] <= 16 * 64, da
+                else:
+                    assert rp < 64 or gdb.kwargs["BLOCK_N"] < 128 or gdb.num_warps == 8, gdb
+                    assert da.kwargs["BLOCK_M"] * da.kwargs["BLOCK_K"] <= 64 * 64, da

@@ -2,9 +2,13 @@
 TRITON_INTERPRET=1). Implements the backend interface of `lora_kernels.backends`.
 
 Kernels by direction live in `fwd.py` / `bwd.py`, the dropout generator in `dropout.py`,
-autotune configs and the schedule/determinism switches in `configs.py`:
-  LORA_KERNELS_TRITON_SCHEDULE=auto|F1|F2   forward schedule (default auto: F1 for small M)
-  LORA_KERNELS_TRITON_DETERMINISTIC=1|0     backward dA/dB by ordered partials (1) or atomics (0)
+autotune configs, shared-memory models and the schedule/determinism switches in `configs.py`,
+the static report (compile for sm80/86/90 without a GPU) in `compile_check.py`:
+  LORA_KERNELS_TRITON_SCHEDULE=auto|F1|F2   forward schedule (default auto: F1 only without
+                                            dropout, small M and r <= 64)
+  LORA_KERNELS_TRITON_DETERMINISTIC=1|0     backward with pinned configs and ordered partial sums
+                                            (1, the same bits in every process) or autotuned dX
+                                            and atomics (0)
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ def plan_backward(m, n, k, r, x2d, weight, has_dropout, compute_dx, deterministi
     if deterministic and compute_dx:
         named = {"M_BUCKET": configs.m_bucket(m), "w_ptr": weight}
         dx_cfg = configs.pinned_dx_config(_lora_bwd_dx_kernel.configs, named, R_PAD=rp, HAS_DROPOUT=has_dropout,
-                                          SMEM_LIMIT=limit)
+                                          K_ALIGNED=k % 8 == 0, SMEM_LIMIT=limit)
     return BackwardPlan(r_pad=rp, gdb=gdb, gdb_rows=gdb_rows, g_chunks=g_chunks, chunk_n=chunk_n, da=da,
                         da_rows=da_rows, dx=dx_cfg, db_partials=gdb_rows if deterministic else 1,
                         da_partials=da_rows if deterministic else 1)

@@ -1,7 +1,7 @@
 """Compile the backend's kernels for NVIDIA GPUs without one (Triton -> PTX -> cubin, nothing is
 run) and check what the compiled code says: the static report of issue 9.
 
-    python -m lora_kernels.triton.compile_check --report [--quick] [--arch 80,86,90]
+    python -m lora_kernels.triton.compile_check --report [--quick | --extremes] [--arch 80,86,90]
         [--dtype bf16,fp16,fp32] [--r-pad 16,32,64,128,256] [--jobs 2] [--json out.json]
 
 For every kernel variant (each switch that changes code) x every config the pruning can select
@@ -154,7 +154,7 @@ def _unique(cfgs):
     return out
 
 
-def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False):
+def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False, extremes: bool = False):
     """(kernel name, variant, constexprs, config, smem model of it) to compile."""
     cap = (arch // 10, arch % 10)
     elem = _DTYPES[dtype].itemsize
@@ -163,17 +163,18 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
     gemm = configs.gemm_configs(interpret=False, capability=cap)
     dxc = configs.dx_configs(interpret=False, capability=cap)
 
-    def fwd_sel(fused, drop):
+    def fwd_sel(fused, drop, aligned=True):
         return _unique([c for b in M_BUCKETS for c in configs.prune_fwd(
-            gemm, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, FUSE_XA=fused, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+            gemm, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, FUSE_XA=fused, HAS_DROPOUT=drop, K_ALIGNED=aligned,
+            SMEM_LIMIT=limit)])
 
     def fwd_model(fused):
         return lambda c: configs.smem_fwd(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                           c.num_stages, elem, r_pad, fused)
 
-    def dx_sel(drop):  # every autotune survivor; the pinned (deterministic) config is the first of them
+    def dx_sel(drop, aligned):  # every autotune survivor; the pinned (deterministic) config is the first of them
         return _unique([c for b in M_BUCKETS for c in configs.prune_dx(
-            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, SMEM_LIMIT=limit)])
+            dxc, {"M_BUCKET": b, "w_ptr": w}, R_PAD=r_pad, HAS_DROPOUT=drop, K_ALIGNED=aligned, SMEM_LIMIT=limit)])
 
     def dx_model(c):
         return configs.smem_dx(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_stages, elem,
@@ -187,7 +188,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
             consts = dict(HAS_BIAS=True, HAS_DROPOUT=drop, FUSE_XA=True, K_ALIGNED=aligned, R_PAD=r_pad,
                           DOT_PRECISION=prec)
             out.append(("fwd", f"F1 dropout={drop} aligned={aligned}", fwd._lora_fwd_kernel, consts,
-                        fwd_sel(True, drop), fwd_model(True)))
+                        fwd_sel(True, drop, aligned), fwd_model(True)))
     out.append(("fwd", "F2", fwd._lora_fwd_kernel,
                 dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec),
                 fwd_sel(False, False), fwd_model(False)))
@@ -212,12 +213,12 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False)
     dx_variants = [(True, True), (True, False), (False, True)]
     for drop, aligned in (dx_variants[:1] if quick else dx_variants):
         consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec)
-        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop),
+        out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop, aligned),
                     dx_model))
     for name, variant, kernel, consts, cfgs, model in out:
         if not consts.get("HAS_DROPOUT", True):
             consts["seed_ptr"] = None
-        if quick:  # the largest selectable tile and the smallest (the fallback when nothing else fits)
+        if quick or extremes:  # the largest selectable tile and the smallest (the fallback)
             cfgs = _unique([max(cfgs, key=model), min(cfgs, key=model)])
         for c in cfgs:
             yield name, variant, consts, c, model(c)
@@ -290,14 +291,14 @@ def _fmt(row) -> str:
             + (f" x{ratio:.2f}" if ratio is not None else ""))
 
 
-def report(archs, dtypes, r_pads, quick=False, jobs=1, out=sys.stdout) -> list:
+def report(archs, dtypes, r_pads, quick=False, jobs=1, out=sys.stdout, extremes=False) -> list:
     """Compile every case, print the table, return the rows (each with its 'violations')."""
     job_list = []
     for arch in archs:
         limit = configs.SMEM_LIMIT_BY_ARCH[arch]
         for dtype in dtypes:
             for rp in r_pads:
-                for name, variant, consts, c, model in variants(arch, dtype, rp, limit, quick):
+                for name, variant, consts, c, model in variants(arch, dtype, rp, limit, quick, extremes):
                     job_list.append((arch, dtype, rp, limit, name, variant, consts,
                                      (dict(c.kwargs), c.num_warps, c.num_stages), model))
     print(f"# {len(job_list)} kernels to compile; smem columns: compiled/model/limit (bytes)", file=out, flush=True)
@@ -336,6 +337,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="the static report (table + checks)")
     parser.add_argument("--quick", action="store_true", help="the CI subset")
+    parser.add_argument("--extremes", action="store_true",
+                        help="every variant, but only the largest and smallest selectable config of each")
     parser.add_argument("--arch", default=None, help="comma-separated SM versions (default 80,86,90; quick 80,90)")
     parser.add_argument("--dtype", default=None, help="comma-separated (default bf16,fp16,fp32; quick bf16)")
     parser.add_argument("--r-pad", default=None, help="comma-separated R_PAD (default 16..256; quick 16,256)")
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
     archs = [int(a) for a in (args.arch or ("80,90" if quick else "80,86,90")).split(",")]
     dtypes = (args.dtype or ("bf16" if quick else "bf16,fp16,fp32")).split(",")
     r_pads = [int(r) for r in (args.r_pad or ("16,256" if quick else "16,32,64,128,256")).split(",")]
-    rows = report(archs, dtypes, r_pads, quick=quick, jobs=args.jobs)
+    rows = report(archs, dtypes, r_pads, quick=quick, jobs=args.jobs, extremes=args.extremes)
     print("\n# summary per kernel variant")
     for line in summary(rows):
         print(line)
@@ -357,7 +360,7 @@ def main(argv=None) -> int:
     print(f"\n# {len(rows)} compiled, {len(failed)} failing a check")
     if args.json:
         meta = {"triton": triton.__version__, "torch": torch.__version__, "archs": archs, "dtypes": dtypes,
-                "r_pads": r_pads, "quick": quick}
+                "r_pads": r_pads, "quick": quick, "extremes": args.extremes}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 1 if failed else 0

@@ -75,6 +75,14 @@ _FALLBACK = [
     (32, 32, 32, 1, 4, 2),
     (16, 32, 32, 1, 2, 2),
 ]
+# fp32 inputs with IEEE dots run on FMA units, whose operand tiles live in registers: ptxas (-v,
+# sm80/sm90, AOT) spills from 32x64x32/4 warps up at R_PAD 64 (the epilogue's g·A tile) and from
+# 64x64x64/4 warps up at R_PAD 16. fp32 (either precision) selects only these, at any M.
+_FP32_R16 = [(32, 64, 32, 1, 4, 4), (32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
+# R_PAD 32-64: 32x32 only (sm86 spills 36 bytes at 16x32x32/4 warps in F1, dropout, K % 8 != 0);
+# R_PAD > 64 adds 16x32, which fits shared memory at R_PAD 256 on sm86.
+_FP32_MID_R = [(32, 32, 32, 1, 4, 2)]
+_FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
@@ -85,8 +93,24 @@ _XA = [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16,
 # The dY pass is not autotuned: its config is a pure function of the shape (`gdb_config`), so
 # its reduction layout, and thus dB's bits, never depend on timing. First match in this order.
 _GDB = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# R_PAD >= 64: the (BLOCK_N, R_PAD) fp32 dB accumulator is 64 registers a thread on 4 warps; ptxas
+# spills 4-224 bytes (sm80/sm90 bf16), none with 8 warps.
+_GDB_WIDE_R = [(64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# fp32 (FMA dots, operands in registers): sm80 spills 512 bytes at 64x64 (R_PAD 16) and 9368 at
+# 32x64 (R_PAD 64) on 4 warps.
+_GDB_FP32 = [(32, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]
+_GDB_FP32_WIDE_R = [(16, 32, 4, 2), (16, 16, 2, 1)]  # R_PAD > 16 (32x32: 3732 bytes at R_PAD 64)
 # The dA pass (x stream, BLOCK_M, BLOCK_K, warps, stages): likewise a pure function of the shape.
-_DA = [(64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# 64x128 on 4 warps spills (sm80 R_PAD 64: 8 bytes, 660 with K % 8 != 0; sm90 R_PAD 16, K % 8 != 0:
+# 28), so is 32x128 on sm86 (R_PAD 64, K % 8 != 0: 16); 64-column tiles do not.
+_DA = [(64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2), (16, 16, 2, 1)]
+# fp32: (R_PAD, BLOCK_K) accumulator + gᵀ·x on FMA units: sm80 spills 172 bytes at 64x128 (R_PAD
+# 16) and 6416 at 16x128 (R_PAD 64).
+_DA_FP32 = [(16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]
+# fp32 pre-pass (x·Aᵀ on FMA units): sm80 spills 724 bytes at 64x128 (R_PAD 16), 4504 at 32x128
+# (R_PAD 64); fp32 selects only these.
+_XA_FP32_R16 = [(32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)]
+_XA_FP32_WIDE_R = [(16, 64, 4, 2), (32, 32, 4, 2)]  # R_PAD > 16
 _INTERPRET_STREAM = (32, 32, 4, 1)
 
 
@@ -110,7 +134,11 @@ def _gemm_rows(interpret: bool, capability):
     if interpret:
         return [_INTERPRET_GEMM]
     major = (capability or _capability())[0]
-    return (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL + _FALLBACK
+    rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL + _FALLBACK
+    for t in _FP32_R16 + _FP32_WIDE_R:
+        if t not in rows:
+            rows.append(t)
+    return rows
 
 
 def gemm_configs(interpret: bool = INTERPRET, capability=None):
@@ -124,19 +152,26 @@ def dx_configs(interpret: bool = INTERPRET, capability=None):
 
 
 def xa_configs(interpret: bool = INTERPRET):
-    rows = [_INTERPRET_STREAM] if interpret else _XA
+    rows = [_INTERPRET_STREAM] if interpret else _XA + [t for t in _XA_FP32_R16 if t not in _XA]
     return [_stream_config("BLOCK_K", *c) for c in rows]
 
 
-def da_configs(interpret: bool = INTERPRET):
-    """The dA pass's candidates, in order of preference (`da_config` takes the first that fits)."""
-    rows = [_INTERPRET_STREAM] if interpret else _DA
+def da_configs(interpret: bool = INTERPRET, elem: int = 2):
+    """The dA pass's candidates for `elem`-byte inputs, in order of preference (`da_config` takes
+    the first that fits)."""
+    rows = [_INTERPRET_STREAM] if interpret else (_DA_FP32 if elem == 4 else _DA)
     return [_stream_config("BLOCK_K", *c) for c in rows]
 
 
-def gdb_configs(interpret: bool = INTERPRET):
-    """The dY pass's candidates, in order of preference (`gdb_config` takes the first that fits)."""
-    rows = [_INTERPRET_STREAM] if interpret else _GDB
+def gdb_configs(interpret: bool = INTERPRET, elem: int = 2, r_pad: int = 16):
+    """The dY pass's candidates for `elem`-byte inputs and `r_pad`, in order of preference
+    (`gdb_config` takes the first that fits)."""
+    if interpret:
+        rows = [_INTERPRET_STREAM]
+    elif elem == 4:
+        rows = _GDB_FP32 if r_pad <= 16 else _GDB_FP32_WIDE_R
+    else:
+        rows = _GDB_WIDE_R if r_pad >= 64 else _GDB
     return [_stream_config("BLOCK_N", *c) for c in rows]
 
 
@@ -221,9 +256,21 @@ def smem_da(bm, bk, stages, elem, r_pad):
 # the fp32 accumulator: ptxas (-v, sm80/sm90, bf16, AOT-compiled) spills hundreds to thousands of
 # bytes once a thread owns more than this many accumulator elements (e.g. 128x128 on 4 warps).
 MASKED_ACC_PER_THREAD = 64
+# The dX epilogue with K % 8 != 0 (a spill group per row) or R_PAD >= 64 (a wider g·A dot): sm80
+# spills 16 (aligned, R_PAD 64) to 1156 bytes at 128x64 on 4 warps, sm90 424 at 128x128 on 8.
+DX_TIGHT_MASKED_ACC_PER_THREAD = 32
+# F1 without dropout still holds the xa accumulator next to the GEMM's: sm86 spills 32 bytes at
+# 128x128 on 4 warps (128 accumulators a thread).
+F1_ACC_PER_THREAD = 64
 # F1 makes the mask inside the main loop, next to the Philox state of a whole x tile: sm80 spills
-# (232 bytes at 128x64 on 4 warps) above this.
+# (232 bytes at 128x64 on 4 warps) above this many accumulators, sm90 (4 bytes at 16x32x256 on 2
+# warps) above this many 8-element mask groups a thread per K step.
 F1_MASKED_ACC_PER_THREAD = 32
+F1_MASK_GROUPS_PER_THREAD = 4
+# With K % 8 != 0 (spill groups counted) F1 spills at 2.1 groups a thread (sm90 16x128x128, 28
+# bytes) and at 32x128x64 (sm86/sm90, R_PAD 16): this forced-only path (auto runs F2 with
+# dropout) keeps at most 2, which leaves the smallest tile.
+F1_UNALIGNED_MASK_GROUPS_PER_THREAD = 2
 # F1 keeps a (BLOCK_M, R_PAD) fp32 accumulator for xa next to the GEMM's: beyond this R_PAD it
 # spills, so F1 is not offered ("auto" never picks it; an explicit "F1" is refused).
 F1_MAX_R_PAD = 64
@@ -244,20 +291,35 @@ def _no_config(kernel: str, r_pad: int, limit: int):
     )
 
 
-def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel):
+def fp32_tiles(r_pad: int) -> list:
+    """The GEMM tiles fp32 inputs may select at `r_pad` (see `_FP32_R16`)."""
+    return _FP32_R16 if r_pad <= 16 else _FP32_MID_R if r_pad <= 64 else _FP32_WIDE_R
+
+
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0):
     small_m = named_args["M_BUCKET"] <= SMALL_M
     elem = _elem(named_args, "w_ptr")
     r_pad = kwargs.get("R_PAD", 16)
+    # K % 8 != 0: every row of a tile makes one more mask group (its spill group).
+    extra_groups_per_row = 0 if kwargs.get("K_ALIGNED", True) else 1
     limit = kwargs.get("SMEM_LIMIT") or _smem_limit_of(_device(named_args, "w_ptr"))
     fits = [c for c in configs if smem(_tiles(c, out_cols, step), elem, r_pad) <= limit]
     if not fits:
         raise _no_config(kernel, r_pad, limit)
     kept = []
     for c in fits:
-        bm, out, _, _, warps, _ = tiles = _tiles(c, out_cols, step)
-        if tiles in _FALLBACK or (tiles in _SMALL) != small_m:
+        bm, out, red, _, warps, _ = tiles = _tiles(c, out_cols, step)
+        if elem == 4:
+            if tiles in fp32_tiles(r_pad):
+                kept.append(c)
+            continue
+        if tiles in _FALLBACK or tiles not in _SMALL + _SM80_LARGE + _SM90_LARGE or (tiles in _SMALL) != small_m:
+            continue
+        if max_acc and bm * out > max_acc * 32 * warps:
             continue
         if mask_acc and bm * out > mask_acc * 32 * warps:
+            continue
+        if mask_groups and bm * (red // 8 + extra_groups_per_row) > mask_groups * 32 * warps:
             continue
         kept.append(c)
     # Every survivor of `fits` was checked; the last one is the smallest tile that fits.
@@ -265,9 +327,10 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
 
 
 def prune_fwd(configs, named_args, **kwargs):
-    """Decode configs for M <= SMALL_M, the others above; no spilling tile sizes when F1 makes the
-    mask in its main loop; only configs whose shared memory (`smem_fwd`) fits the device. Raises
-    ValueError naming r when none fits."""
+    """Decode configs for M <= SMALL_M, the others above (fp32: only `fp32_tiles`, at any M); no
+    spilling tile sizes for F1 (its xa accumulator, and the mask it makes in its main loop); only
+    configs whose shared memory (`smem_fwd`) fits the device. Raises ValueError naming r when none
+    fits."""
     fused = kwargs.get("FUSE_XA", False)
     mask = fused and kwargs.get("HAS_DROPOUT", False)
 
@@ -275,24 +338,29 @@ def prune_fwd(configs, named_args, **kwargs):
         return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
 
     mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM")
+    aligned = kwargs.get("K_ALIGNED", True)
+    mask_groups = (F1_MASK_GROUPS_PER_THREAD if aligned else F1_UNALIGNED_MASK_GROUPS_PER_THREAD) if mask else 0
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_N", "BLOCK_K", mask_acc, smem, "forward GEMM",
+                       mask_groups, F1_ACC_PER_THREAD if fused else 0)
 
 
 def prune_dx(configs, named_args, **kwargs):
     """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
-    makes the mask when there is dropout."""
+    makes the mask when there is dropout (fewer accumulators a thread when K % 8 != 0 or R_PAD >= 64)."""
     mask = kwargs.get("HAS_DROPOUT", False)
 
     def smem(t, elem, rp):
         return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
 
-    mask_acc = MASKED_ACC_PER_THREAD if mask else 0
+    tight = not kwargs.get("K_ALIGNED", True) or kwargs.get("R_PAD", 16) >= 64
+    mask_acc = (DX_TIGHT_MASKED_ACC_PER_THREAD if tight else MASKED_ACC_PER_THREAD) if mask else 0
     return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM")
 
 
 def prune_stream(configs, named_args, **kwargs):
     """xa pre-pass: rows per program no larger than the next power of two of M (decode M gets
-    16/32-row tiles), and shared memory (`smem_xa`) within the device's limit."""
+    16/32-row tiles; fp32: only the small `_XA_FP32_*` tiles), and shared memory (`smem_xa`)
+    within the device's limit."""
     m = named_args["M_BUCKET"]
     elem = _elem(named_args, "x_ptr")
     r_pad = kwargs.get("R_PAD", 16)
@@ -300,7 +368,12 @@ def prune_stream(configs, named_args, **kwargs):
     fits = [c for c in configs if smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
     if not fits:
         raise _no_config("xa pre-pass", r_pad, limit)
-    kept = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)]
+    if elem == 4:
+        rows = _XA_FP32_R16 if r_pad <= 16 else _XA_FP32_WIDE_R
+        kept = [c for c in fits if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in rows]
+        return kept or fits[-1:]
+    kept = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m) and
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _XA]
     return kept or fits[-1:]
 
 
@@ -368,7 +441,7 @@ GDB_MAX_N_CHUNKS = 8
 def gdb_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
     """The dY pass's config: the first of `gdb_configs` with BLOCK_M <= max(16, next_pow2(M))
     whose shared memory (`smem_gdb`) fits `limit`. Raises ValueError naming r when none does."""
-    candidates = gdb_configs(interpret)
+    candidates = gdb_configs(interpret, elem, r_pad)
     fits = [c for c in candidates
             if smem_gdb(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, elem, r_pad) <= limit]
     if not fits:
@@ -390,7 +463,7 @@ def gdb_grid(m: int, n: int, r: int, block_m: int, block_n: int):
 
 def da_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
     """The dA pass's config: as `gdb_config`, from `da_configs` and `smem_da`."""
-    fits = [c for c in da_configs(interpret)
+    fits = [c for c in da_configs(interpret, elem)
             if smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
     if not fits:
         raise _no_config("dA pass", r_pad, limit)

@@ -118,16 +118,13 @@ def _lora_fwd_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk  # Wᵀ tile
-    # Epilogue operands (Bᵀ tile, bias, and xa for F2) are loaded before the main loop, so their
-    # latency hides behind it rather than stalling the epilogue.
-    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
-    xa_mask = mask_m[:, None] & mask_r[None, :]
+    # Epilogue operands Bᵀ and bias are loaded before the main loop, so their latency hides
+    # behind it (xa, a row-block operand, is loaded after: preloading it too made sm80 128x128
+    # tiles on 4 warps spill).
     bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # Bᵀ tile (R_PAD, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if not FUSE_XA:
-        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if FUSE_XA:
         a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak  # Aᵀ tile
@@ -152,12 +149,16 @@ def _lora_fwd_kernel(
 
     # Epilogue: + b + s·xa·B_tileᵀ; xa is rounded to the input dtype exactly as it is stored (and
     # as F2 reads it back), so F1 and F2 give the same y up to summation order.
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    xa_mask = mask_m[:, None] & mask_r[None, :]
     if FUSE_XA:
         if HAS_DROPOUT:
             acc_xa = acc_xa * inv_keep
         xa = acc_xa.to(xa_ptr.dtype.element_ty)
         if pid_n == 0:
             tl.store(xa_ptrs, xa, mask=xa_mask)
+    else:
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     # Accumulate into acc (no second BLOCK_M x BLOCK_N fp32 tile: that spills at 128x256): s is
     # folded into the small xa operand, one extra rounding of the LoRA term in the input dtype.
     xa_s = (xa.to(tl.float32) * scaling).to(xa.dtype)
