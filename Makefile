@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # The two commands a newcomer needs; each sets itself up from nothing in ./.venv:
 #   make test    build lora_kernels (C++ always; CUDA where a GPU is visible or LORA_KERNELS_CUDA=1) and run the tests
 #   make bench   the same set-up, then the default benchmark (~2-3 min on a 2-core CPU): table, JSON + PNG in bench/out/

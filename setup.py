@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Builds lora_kernels._C: the C++ CPU kernels always; the CUDA kernels where a GPU is visible, or
 when forced. Project metadata lives in pyproject.toml.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The benchmark CLI: `python -m bench` (or `make bench`).
 
 Per shape, rank and dropout rate, times forward and forward+backward of the frozen base linear,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the benchmark times: shapes, and one setup function per provider (frozen base linear,
 PEFT's lora.Linear, lora_linear per backend) returning the callables the harness times."""
 

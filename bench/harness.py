@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """One timer and one saved-activation meter for every provider, so ratios are side by side; and
 the device and version facts a results file records."""
 

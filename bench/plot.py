@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Plot a results JSON: `python -m bench.plot <json> [-o out.png]`.
 
 One panel per pass (fwd, fwd+bwd); for every case (shape, r, p) a bar per provider giving its time

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A progress line on stderr without a dependency: rewritten in place on a terminal, one line per
 finished step otherwise (CI logs)."""
 

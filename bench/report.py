@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """From per-round samples to what a reader needs: medians, ratios with their spread over rounds, a
 fixed-width table and warnings for ratios that can only be noise."""
 

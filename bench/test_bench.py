@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """pytest-benchmark suite: `python -m pytest bench/ --benchmark-only` (not part of `make test`).
 
 Each provider of bench/cases.py, forward+backward, on the device's quick-to-run shapes; compare

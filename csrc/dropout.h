@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The one dropout generator of lora_kernels, shared by the CPU and CUDA kernels so the bits
 // cannot drift. The rule is written out in lora_kernels/reference.py (the Python mirror the
 // tests compare against): element (m, k) of the flattened M x K input has flat index

@@ -1,6 +1,7 @@
+// SPDX-License-Identifier: Apache-2.0
 // Schemas of the compiled ops (kernels: csrc/cpu for CPU, csrc/cuda for CUDA) and the Python
 // module lora_kernels._C. The Python op lora_kernels::lora_linear (lora_kernels/ops.py) calls
-// these for its `cpu` and `cuda` backends; the contract of each is DESIGN §1 and §4.
+// these for its `cpu` and `cuda` backends; the contract of each is docs/design.md §1 and §4.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Fine-tune a small random Llama with PEFT LoRA, as PEFT runs it and patched by lora_kernels.
 
     python examples/finetune_tiny_llama.py                       # CPU defaults: a few minutes

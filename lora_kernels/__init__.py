@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """lora_kernels: a fused LoRA linear layer (dropout included) for PyTorch.
 
 Public API: `lora_linear` (the op), `LoRALinear` (the module), `available_backends`.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Loads the compiled module `lora_kernels._C` if it was built (the package works without it), and
 holds the one rule for whether a build includes the CUDA kernels.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The backend table: every backend implements the same `forward` / `backward` (see
 `lora_kernels.reference` for their contract), so dispatch is a lookup, not a chain of ifs."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The `cpu` and `cuda` backends: thin calls into the C++/CUDA ops of `lora_kernels._C`
 (schemas in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda, picked by the tensors' device)."""
 

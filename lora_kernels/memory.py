@@ -1,4 +1,5 @@
-"""Measure what autograd saves for backward (DESIGN §5): bytes by unique storage."""
+# SPDX-License-Identifier: Apache-2.0
+"""Measure what autograd saves for backward (docs/design.md §5): bytes by unique storage."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class SavedActivationMeter:
             self.storages[key] = t.untyped_storage().nbytes()
         return t
 
-    def start(self) -> "SavedActivationMeter":
+    def start(self) -> SavedActivationMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
@@ -43,7 +44,7 @@ class SavedActivationMeter:
         self._hooks.__exit__(None, None, None)
         self._hooks = None
 
-    def __enter__(self) -> "SavedActivationMeter":
+    def __enter__(self) -> SavedActivationMeter:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,10 +1,10 @@
+# SPDX-License-Identifier: Apache-2.0
 """`LoRALinear`: an nn.Module holding a frozen base linear and a LoRA adapter, computed by the
 fused `lora_linear` op."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         backend: str = "auto",
-    ) -> "LoRALinear":
+    ) -> LoRALinear:
         """Wrap an existing nn.Linear: its weight/bias are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The `lora_linear` op: input checks, torch.library registration (custom op, fake kernel,
 autograd) for torch.compile/export, the same forward and backward as a plain autograd.Function
 for eager calls, and dispatch to a backend from `lora_kernels.backends`."""
@@ -84,7 +85,7 @@ def _input_grads(backward, ctx, grad_y) -> tuple:
 
 
 def _save(ctx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend) -> None:
-    # x is saved by reference (the caller's storage); never a dropped copy or a mask (DESIGN §5).
+    # x is saved by reference (the caller's storage); never a dropped copy or a mask (docs/design.md §5).
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
 

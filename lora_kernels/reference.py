@@ -1,9 +1,10 @@
+# SPDX-License-Identifier: Apache-2.0
 """Plain-PyTorch LoRA maths and the Python mirror of the dropout generator: the test oracle.
 
 Everything here runs on any device and dtype, is written for clarity rather than speed, and
 defines the behaviour every fused backend (cpu, triton, cuda) must reproduce.
 
-Dropout rule (DESIGN §4) — the one contract all backends follow bit for bit
+Dropout rule (docs/design.md §4) — the one contract all backends follow bit for bit
 ---------------------------------------------------------------------------
 Flatten x to M rows of K. Element (m, k) has flat index ``i = m*K + k``; it belongs to group
 ``g = i // 8`` and lane ``j = i % 8``. Each group is one Philox4x32-10 call:
@@ -151,7 +152,7 @@ def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx):
-    """DESIGN §1 gradients: (dx (M, K) or None, dA (r, K), dB (N, r)); the mask is regenerated."""
+    """docs/design.md §1 gradients: (dx (M, K) or None, dA (r, K), dB (N, r)); the mask is regenerated."""
     # g and the rank-r products in fp32 for fp16/bf16, as the kernels do: a g rounded to 16 bits
     # loses dA to cancellation when dropout scales x up.
     acc = torch.promote_types(dy.dtype, torch.float32)

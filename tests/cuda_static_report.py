@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Static report of the CUDA kernels (csrc/cuda): what ptxas makes of each kernel for sm_80 (A100) and
 sm_90 (H100), checked against the launch plans (launchers.h) on those GPUs — without a GPU.
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The GPU half of `make gpu-check` (the Makefile builds first): every gpu-marked test, then the GPU
 # benchmark, inside what is left of the GPU_CHECK_SECONDS budget counted from GPU_CHECK_START.
 # Usage (from the repository root): GPU_CHECK_START=$(date +%s) tests/gpu_check.sh [python]

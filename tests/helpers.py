@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Shared test helpers: input factories, the oracle's forward + gradients, and a verbose allclose."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Helpers for the PEFT / torchtune / Trainer / DDP integration tests: tiny models, seed recording
 and the dropout mirror that lets an unpatched model reproduce the fused op's masks."""
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import lora_kernels.ops
-from lora_kernels.reference import dropout_multiplier, draw_seed
+from lora_kernels.reference import draw_seed, dropout_multiplier
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """torch.library registration: opcheck on every op, torch.compile(fullgraph=True) traces the
 public op (forward and backward) with no graph break, and the custom op's autograd equals the
 eager path's."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The `cuda` backend (csrc/cuda): build/registration checks, the kernels run on the CPU through the
 emulation (csrc/cuda/emulation), and — on a GPU — the real thing.
 
@@ -21,7 +22,6 @@ import torch
 import lora_kernels
 from lora_kernels import _extension, reference
 from helpers import assert_close, eager_same_dtype, make_inputs, oracle
-
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 0x0123456789ABCDEF, 2**62 - 1]

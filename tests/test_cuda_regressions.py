@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Regressions of issue 9 in the cuda backend (csrc/cuda), checked through the CPU emulation and the
 launch plans: g = dY·B kept in fp32 (fp16 loss-scaled gradients), the dropout NaN contract, the
 dynamic shared-memory attribute only ever raised, one-wave plans, PTX in the built module."""
@@ -11,11 +12,10 @@ import subprocess
 
 import pytest
 import torch
+from test_cuda_backend import emu  # noqa: F401  (the emulated-backend fixture)
 
 from lora_kernels import _extension, reference
 from helpers import make_inputs, oracle
-from test_cuda_backend import emu  # noqa: F401  (the emulated-backend fixture)
-
 
 
 def _rel_err(got, want):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """CI subset of the static CUDA report (tests/cuda_static_report.py): the kernels compiled for sm_90
 with ptxas -v and checked against the launch plans on an H100 — no spills in the hot kernels, shared
 memory within the limit, the blocks per SM each plan assumes, a one-wave split-K A-projection. The

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A patched PEFT model under DistributedDataParallel (2 CPU processes, gloo) gets the gradients
 of one process on the same data.
 

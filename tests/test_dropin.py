@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Drop-in safety of the op (issue 12): what works on PEFT's eager layer works on `lora_linear` —
 in-place ops on the output, a loud error for double backward, p = 1, out-of-range scaling,
 autocast around the call — on every CPU-usable backend and through both autograd paths (the eager

@@ -1,4 +1,5 @@
-"""The dropout contract (DESIGN §4): one generator, bit-identical across backends, never stored."""
+# SPDX-License-Identifier: Apache-2.0
+"""The dropout contract (docs/design.md §4): one generator, bit-identical across backends, never stored."""
 
 import math
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Bad input raises TypeError/ValueError naming the argument — never a wrong answer or a crash."""
 
 import math

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A patched PEFT model under FSDP2 (`fully_shard`, 2 CPU processes, gloo): `patch()` before or
 after `fully_shard` fuses the LoRA layers, and the gradients equal one process on the same data.
 
@@ -19,7 +20,7 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
 
-from test_ddp import BATCH, K, WORLD, build, data, shard  # noqa: E402  (same model and data)
+from test_ddp import BATCH, WORLD, K, build, data, shard  # noqa: E402  (same model and data)
 
 ORDERS = ("patch-then-shard", "shard-then-patch", "shard-root-only-then-patch")
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The test helpers themselves: a failing comparison must fail with a readable message."""
 
 import pytest

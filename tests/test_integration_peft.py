@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """lora_kernels.integrations.peft: a patched PEFT model computes what PEFT computes (outputs and
 every LoRA gradient), keeps PEFT's forward where it must, and round-trips save/load."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """lora_kernels.integrations.torchtune: a patched torchtune model computes what torchtune computes.
 
 torchtune is optional; it also needs a torchao that imports under the installed torch."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """LoRAKernelsCallback in a real (tiny, CPU, no downloads) transformers.Trainer run."""
 
 from __future__ import annotations

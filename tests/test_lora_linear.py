@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Every CPU-usable backend against the fp64 oracle: forward and every gradient, per dtype."""
 
 import os

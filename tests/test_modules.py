@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """LoRALinear: init, wrapping, merge/unmerge, state_dict, and equality with PEFT's lora.Linear."""
 
 import math

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The PEFT-suite gate's own logic (tests/peft_suite): what counts as a patched-only failure and
 what counts as "needs the hub". The gate itself runs with `make peft-suite`."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Hypothesis: random shapes, dtypes, strides and dropout rates against the oracle (every CPU
 backend; the triton backend under TRITON_INTERPRET=1 for fp32/fp16 when there is no GPU)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The `triton` backend against the oracle: forward, every gradient, both forward schedules, both
 backward reduction modes, and dropout masks bit-identical to the Python mirror.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The triton backend's host-side choices (pure Python, no GPU, no interpreter) and its static
 report: configs within each arch's shared memory, the TF32 switch in every state of torch's two
 APIs, partial buffers bounded by the grid, pinned deterministic configs. The report compiles
@@ -15,8 +16,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from lora_kernels.triton import configs  # noqa: E402
 from lora_kernels.triton import bwd as triton_bwd  # noqa: E402
+from lora_kernels.triton import configs  # noqa: E402
 
 ARCHS = {80: (8, 0), 86: (8, 6), 90: (9, 0)}
 R_PADS = [16, 32, 64, 128, 256]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Which vector paths the CPU kernels may take.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #include "cpu/dropout_cpu.h"
 
 #include "cpu/cpu_features.h"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // CPU side of the shared dropout generator (csrc/dropout.h): the keep bits of whole rows,
 // regenerated where they are needed, and applied on the fly, so no M x K mask or dropped copy of
 // x ever exists.

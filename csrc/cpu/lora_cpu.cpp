@@ -1,4 +1,5 @@
-// Fused LoRA forward and backward on the CPU (DESIGN §1, §3, §5).
+// SPDX-License-Identifier: Apache-2.0
+// Fused LoRA forward and backward on the CPU (docs/design.md §1, §3, §5).
 //
 // The large GEMMs go to ATen/BLAS; everything touching the dropout mask runs in row blocks
 // (at::parallel_for) whose dropped rows live only in a small per-thread buffer, so no M x K

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // fp32 products with one thin (rank r) side, on one row block at a time: the LoRA halves of
 // forward and backward. BLAS repacks the shared operand (A or B) on every call, which on a 32-row
 // block costs about as much as the product; these AVX-512 loops read it in place from L1/L2.

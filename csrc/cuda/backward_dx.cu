@@ -1,4 +1,5 @@
-// Backward, one pass over x (DESIGN §3): dA = s·gᵀ·(D ⊙ x), and — fused when the whole rank fits one
+// SPDX-License-Identifier: Apache-2.0
+// Backward, one pass over x (docs/design.md §3): dA = s·gᵀ·(D ⊙ x), and — fused when the whole rank fits one
 // pass — the dX prefill s·D ⊙ (g·A) that cuBLAS then accumulates dY·W₀ onto.
 //
 // The mask is regenerated while the x tile is staged (one Philox call per eight elements), so

@@ -1,4 +1,5 @@
-// Backward, one pass over dY (DESIGN §3): g = dY·B (M x r, kept in fp32) and dB = s·dYᵀ·xa (N x r).
+// SPDX-License-Identifier: Apache-2.0
+// Backward, one pass over dY (docs/design.md §3): g = dY·B (M x r, kept in fp32) and dB = s·dYᵀ·xa (N x r).
 //
 // Both products read every element of dY once, so a block stages a 128-row x BC-column tile of dY in
 // shared memory and uses it twice: row-wise against B's chunk (g) and column-wise against the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Device helpers shared by the kernel files: dtype conversions, the warp-level 16x16x16 MMA
 // (tensor cores through WMMA for fp16/bf16, plain FMAs for fp32/fp64), the tile loaders (with the
 // dropout mask applied while x is staged) and the partial-sum reduction.
@@ -355,7 +356,7 @@ LK_DEVICE void load_small_tile(T* __restrict__ dst, int ld, const S* __restrict_
 }
 
 // --- g = dY·B (fp32) as an operand of 16-bit tensor-core products ---------------------------------------
-// g stays fp32 (DESIGN §1): rounded to fp16 it overflows at 65504, which loss-scaled gradients reach,
+// g stays fp32 (docs/design.md §1): rounded to fp16 it overflows at 65504, which loss-scaled gradients reach,
 // and it carries more bits than the input dtype. Tensor cores take 16-bit operands, so a slice of g
 // is staged as two tiles with hi + lo = g·2^-e: hi is g·2^-e rounded to T, lo the rounding error
 // rounded to T (22 significant bits for fp16, 16 for bf16, against 11/8 for g rounded to T); both

@@ -1,4 +1,5 @@
-// Forward pre-pass (DESIGN §3, F2): xa = dropout(x)·Aᵀ with x read once, and the keep-mask op.
+// SPDX-License-Identifier: Apache-2.0
+// Forward pre-pass (docs/design.md §3, F2): xa = dropout(x)·Aᵀ with x read once, and the keep-mask op.
 //
 // A block owns 128 rows and walks K in 128-byte chunks: the x chunk is staged in shared memory with
 // the dropout mask applied in registers on the way (one Philox call per eight elements, from the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The interface between the op layer (ops_cuda.cpp: checks, allocation, cuBLAS) and the kernel
 // files (*.cu): plain structs of pointers and sizes, the launch plans, and the launchers.
 //

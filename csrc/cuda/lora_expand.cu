@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Rank-r expansions that fill a big output before cuBLAS accumulates the base GEMM onto it:
 //   forward  (kOutput):    y  = bias + s · xa·Bᵀ            then  y  += x·W₀ᵀ   (cuBLAS, beta = 1)
 //   backward (kGradInput): dX = s/(1-p) · mask ⊙ (g·A)       then  dX += dY·W₀  (cuBLAS, beta = 1)

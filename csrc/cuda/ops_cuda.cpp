@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The `cuda` backend: CUDA kernels of the lora_kernels ops (schemas in csrc/ops.cpp).
 //
 //   fused_forward:  xa = dropout(x)·Aᵀ                       dropout_project.cu (x read once)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Drop-in fused forwards for the LoRA modules people already use.
 
 `patch(model)` serves every PEFT `lora.Linear` and torchtune `LoRALinear` in `model` by

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the PEFT and torchtune integrations share: the patch report, the per-layer patch state and
 forward replacement, and the per-call checks (plain nn.Linear weights, hooks, dtype policy)."""
 
@@ -52,7 +53,7 @@ class PatchReport:
     def note(self, name: str, condition: str) -> None:
         self.conditional[condition].append(name)
 
-    def merge(self, other: "PatchReport") -> "PatchReport":
+    def merge(self, other: PatchReport) -> PatchReport:
         self.patched += other.patched
         for reason, names in other.kept.items():
             self.kept[reason].extend(names)

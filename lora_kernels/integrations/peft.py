@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Route PEFT's `lora.Linear` layers through `lora_kernels.lora_linear`, in place.
 
 `patch(model)` replaces the forward of every PEFT `lora.Linear` it can serve with a bound method

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Route torchtune's `LoRALinear` layers through `lora_kernels.lora_linear`, in place.
 
 torchtune is optional: importing this module raises ImportError when it (or the torchao it needs)

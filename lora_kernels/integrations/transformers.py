@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`LoRAKernelsCallback`: patch the model a `transformers.Trainer` (or TRL's `SFTTrainer`, which is
 one) trains, when training begins.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The `triton` backend: fused LoRA forward/backward as Triton kernels (GPU; CPU tensors under
 TRITON_INTERPRET=1). Implements the backend interface of `lora_kernels.backends`.
 
@@ -27,7 +28,7 @@ def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, sche
 
 
 def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, *, deterministic=None):
-    """dy (M, N) contiguous -> (dx (M, K) or None, dA (r, K), dB (N, r)) per DESIGN §1.
+    """dy (M, N) contiguous -> (dx (M, K) or None, dA (r, K), dB (N, r)) per docs/design.md §1.
     deterministic: True | False | None (env LORA_KERNELS_TRITON_DETERMINISTIC, default True)."""
     return lora_backward(
         dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, deterministic=deterministic

@@ -1,4 +1,5 @@
-"""Backward (DESIGN §1, §3): three kernels, then fp32 partials reduced in a fixed order.
+# SPDX-License-Identifier: Apache-2.0
+"""Backward (docs/design.md §1, §3): three kernels, then fp32 partials reduced in a fixed order.
 
   `_lora_bwd_gdb_kernel`  one pass over dY on a 2-D grid (P row programs x C column chunks):
                           g = dY·B as C fp32 partials (M, r) and dB = s·dYᵀ·xa as P fp32

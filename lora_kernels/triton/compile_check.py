@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compile the backend's kernels for NVIDIA GPUs without one (Triton -> PTX -> cubin, nothing is
 run) and check what the compiled code says: the static report of issue 9.
 
@@ -215,7 +216,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
         consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec)
         out.append(("dx", f"dropout={drop} aligned={aligned}", bwd._lora_bwd_dx_kernel, consts, dx_sel(drop, aligned),
                     dx_model))
-    for name, variant, kernel, consts, cfgs, model in out:
+    for name, variant, _kernel, consts, cfgs, model in out:
         if not consts.get("HAS_DROPOUT", True):
             consts["seed_ptr"] = None
         if quick or extremes:  # the largest selectable tile and the smallest (the fallback)

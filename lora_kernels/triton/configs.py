@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Autotune configs, their pruning, and the host-side choices (schedule, determinism) of the triton
 backend.
 

@@ -1,4 +1,5 @@
-"""The dropout generator of DESIGN §4 as a Triton helper: bit-identical to
+# SPDX-License-Identifier: Apache-2.0
+"""The dropout generator of docs/design.md §4 as a Triton helper: bit-identical to
 `lora_kernels.reference.dropout_keep_mask` (the Python mirror documents the rule).
 
 One Philox4x32-10 call yields 128 bits = eight 16-bit lanes, one per element of a group of eight
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.reference import dropout_threshold
+
 
 def dropout_params(dropout_p: float):
     """(threshold t, 1/(1-p)) for the kernels: keep iff lane >= t (t computed once, on the host)."""

@@ -1,4 +1,5 @@
-"""Forward: ``y = x·Wᵀ + b + s·xa·Bᵀ`` with ``xa = dropout(x)·Aᵀ`` (DESIGN §1, §3).
+# SPDX-License-Identifier: Apache-2.0
+"""Forward: ``y = x·Wᵀ + b + s·xa·Bᵀ`` with ``xa = dropout(x)·Aᵀ`` (docs/design.md §1, §3).
 
 Two schedules, both kept selectable (`configs.resolve_schedule`):
   F1  one kernel: every (BLOCK_M, BLOCK_N) tile also accumulates dropout(x)·Aᵀ from the x tile it

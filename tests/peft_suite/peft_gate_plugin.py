@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """pytest plugin for the PEFT-suite gate (loaded by tests/peft_suite/run.py into PEFT's own tests).
 
 Both runs: records each test's outcome, and turns failures that only say "the Hugging Face hub is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The PEFT-suite gate: PEFT's own LoRA tests, once plainly and once with every PEFT model patched
 by lora_kernels, from the sdist of the installed peft version (which ships tests/).
 

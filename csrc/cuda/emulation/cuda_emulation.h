@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // CPU emulation of the small part of CUDA the lora_kernels kernels use, so that the kernel files
 // (../*.cu) compile with a host compiler (-DLK_EMULATE) and run on CPU tensors. It exists because
 // the CUDA backend is developed and tested on machines without a GPU: the emulation checks the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The cuda backend — kernels, launch plans and op layer, unchanged — compiled for the CPU on top of
 // cuda_emulation.h and registered as lora_kernels_emu::{fused_forward, fused_backward,
 // dropout_keep_mask} for CPU tensors. tests/test_cuda_backend.py builds it with
