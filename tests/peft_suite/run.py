@@ -4,6 +4,13 @@ by lora_kernels, from the sdist of the installed peft version (which ships tests
     python tests/peft_suite/run.py            # the CI subset (SUBSET below)
     python tests/peft_suite/run.py --full     # every LoRA-related test file (FULL below)
     python tests/peft_suite/run.py -- -k mlp  # extra pytest arguments for both runs
+    python tests/peft_suite/run.py --only test_lora_variants,test_other   # part of FULL, by file name
+    python tests/peft_suite/run.py --full --timeout 600   # each pytest run of a file killed after 600 s
+
+--only NAMES picks the FULL entries whose file name (with or without .py) is in the comma-separated
+list, in FULL's order (an unknown name is an error). --timeout SECONDS kills a file's plain or
+patched pytest run after that long: the file is reported as TIMED OUT, its counts are not known,
+and the gate fails (exit 1) — a timed-out file never passes silently.
 
 Fails (exit 1) when a test passes plainly but fails patched, or when a test module ran tests
 patched but its patched layers never called the fused op (the gate would prove nothing there).
@@ -20,6 +27,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -98,7 +106,17 @@ def prepare(cache: Path) -> tuple[Path, Path]:
     return root, deps
 
 
-def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bool, out: Path) -> dict:
+def select(names: str) -> list:
+    """The FULL entries whose file name is in the comma-separated names (with or without .py)."""
+    wanted = {n.strip().removesuffix(".py") for n in names.split(",") if n.strip()}
+    known = {Path(entry[0]).stem for entry in FULL}
+    if not wanted or wanted - known:
+        raise SystemExit(f"--only: unknown file name(s) {sorted(wanted - known)}; FULL has {sorted(known)}")
+    return [entry for entry in FULL if Path(entry[0]).stem in wanted]
+
+
+def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bool, out: Path, timeout=None):
+    """The plugin's results of one pytest run, or None when it ran longer than timeout seconds."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -110,7 +128,18 @@ def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bo
     )
     cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "-p", "peft_gate_plugin"]
     cmd += ["--tb=line", "-W", "ignore", *selection, *extra]
-    subprocess.run(cmd, cwd=root, env=env)
+    out.unlink(missing_ok=True)  # never read a previous run's results
+    # Own process group, so a timeout also ends pytest's children (torch.compile workers).
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    except BaseException:  # Ctrl-C or a kill of the runner: a new session would not get the signal
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     with open(out) as f:
         return json.load(f)
 
@@ -141,21 +170,34 @@ def compare(plain: dict, patched: dict) -> tuple[list, list, dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="every LoRA-related PEFT test file, not the CI subset")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated FULL file names to run (implies FULL's selection)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="per file and run; a timed-out file fails the gate")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "LORA_KERNELS_PEFT_SUITE_CACHE", Path.home() / ".cache" / "lora_kernels" / "peft_suite")))
     parser.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments for both runs")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a kill also ends the running pytest
     root, deps = prepare(args.cache)
     failed = False
     totals: dict = {}
-    for selection in FULL if args.full else SUBSET:
+    selections = select(args.only) if args.only else FULL if args.full else SUBSET
+    timed_out = []
+    for selection in selections:
         module = selection[0]
         results = {}
         for patched in (False, True):
             start = time.time()
             out = args.cache / f"result-{'patched' if patched else 'plain'}.json"
-            results[patched] = run_pytest(root, deps, selection, args.pytest_args, patched, out)
-            print(f"[peft-suite] {module} {'patched' if patched else 'plain'}: {time.time() - start:.0f} s", flush=True)
+            results[patched] = run_pytest(root, deps, selection, args.pytest_args, patched, out, args.timeout)
+            run = "patched" if patched else "plain"
+            if results[patched] is None:
+                print(f"[peft-suite] TIMED OUT: {module} {run} after {args.timeout:.0f} s", flush=True)
+                break
+            print(f"[peft-suite] {module} {run}: {time.time() - start:.0f} s", flush=True)
+        if None in results.values():
+            timed_out.append(module)
+            failed = True
+            continue
         regressions, rounding, counts = compare(results[False], results[True])
         fused = sum(results[True]["fused_calls"].values())
         ran_patched = sum(o in ("passed", "failed") for o in results[True]["outcomes"].values())
@@ -172,6 +214,8 @@ def main(argv=None) -> int:
             failed = True
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + v
+    for module in timed_out:
+        print(f"[peft-suite] TIMED OUT (not compared, fails the gate): {module}", flush=True)
     print("[peft-suite] total: " + ", ".join(f"{k}: {v}" for k, v in totals.items()), flush=True)
     print(f"[peft-suite] {'FAILED' if failed else 'OK'}", flush=True)
     return 1 if failed else 0
