@@ -46,3 +46,33 @@ def test_hub_errors_are_recognised_through_the_cause_chain():
     except OSError as outer:
         assert peft_gate_plugin._needs_hub(info(outer))
     assert not peft_gate_plugin._needs_hub(info(AssertionError("tensors differ")))
+
+
+def test_only_selects_full_entries_by_file_name_in_full_order():
+    chosen = run.select("test_other, test_lora_variants.py")
+    assert [entry[0] for entry in chosen] == ["tests/test_lora_variants.py", "tests/test_other.py"]
+    assert run.select("test_custom_models") == [run.FULL[0]]  # its -k lora comes along
+    for bad in ("test_nope", "", "test_other,test_nope"):
+        try:
+            run.select(bad)
+        except SystemExit as exc:
+            assert "--only" in str(exc)
+        else:
+            raise AssertionError(f"--only {bad!r} was accepted")
+
+
+def test_a_timed_out_file_fails_the_gate_and_is_named(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(run, "prepare", lambda cache: (tmp_path, tmp_path))
+    monkeypatch.setattr(run, "run_pytest", lambda *args: None)  # what run_pytest returns on a timeout
+    monkeypatch.setattr(run.signal, "signal", lambda *args: None)
+    assert run.main(["--only", "test_other", "--timeout", "5", "--cache", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "TIMED OUT: tests/test_other.py plain after 5 s" in out
+    assert "TIMED OUT (not compared, fails the gate): tests/test_other.py" in out and "[peft-suite] FAILED" in out
+
+
+def test_run_pytest_kills_a_run_past_its_timeout(tmp_path):
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(120)\n")
+    start = run.time.time()
+    assert run.run_pytest(tmp_path, tmp_path, ["test_slow.py"], [], False, tmp_path / "out.json", 5) is None
+    assert run.time.time() - start < 60
