@@ -76,3 +76,19 @@ def test_run_pytest_kills_a_run_past_its_timeout(tmp_path):
     start = run.time.time()
     assert run.run_pytest(tmp_path, tmp_path, ["test_slow.py"], [], False, tmp_path / "out.json", 5) is None
     assert run.time.time() - start < 60
+
+
+def _main_with(monkeypatch, tmp_path, patched_results):
+    monkeypatch.setattr(run, "prepare", lambda cache: (tmp_path, tmp_path))
+    plain = results({"t": "passed"})
+    monkeypatch.setattr(run, "run_pytest", lambda *args: patched_results if args[4] else plain)
+    monkeypatch.setattr(run.signal, "signal", lambda *args: None)
+    return run.main(["--only", "test_other", "--cache", str(tmp_path)])
+
+
+def test_no_fused_calls_fail_only_where_lora_layers_ran_peft_forward(monkeypatch, tmp_path, capsys):
+    ran_peft = {**results({"t": "passed"}), "peft_forwards": {"tests/test_other.py": 3}}
+    assert _main_with(monkeypatch, tmp_path, ran_peft) == 1
+    assert "NO FUSED CALLS in tests/test_other.py" in capsys.readouterr().out
+    assert _main_with(monkeypatch, tmp_path, results({"t": "passed"})) == 0  # no LoRA forward at all
+    assert "no LoRA-layer forward" in capsys.readouterr().out

@@ -12,8 +12,10 @@ list, in FULL's order (an unknown name is an error). --timeout SECONDS kills a f
 patched pytest run after that long: the file is reported as TIMED OUT, its counts are not known,
 and the gate fails (exit 1) — a timed-out file never passes silently.
 
-Fails (exit 1) when a test passes plainly but fails patched, or when a test module ran tests
-patched but its patched layers never called the fused op (the gate would prove nothing there).
+Fails (exit 1) when a test passes plainly but fails patched, or when a test module's LoRA layers
+ran forwards in the patched run but never called the fused op (the gate would prove nothing
+there); a module whose tests that ran never forward a LoRA layer (e.g. only "raises" tests run
+offline) is reported as such.
 Runs offline (HF_HUB_OFFLINE=1): tests that need the hub are skipped and counted. Needs network
 once, to fetch the sdist and PEFT's test-only dependencies into the cache
 ($LORA_KERNELS_PEFT_SUITE_CACHE, default ~/.cache/lora_kernels/peft_suite); the Python
@@ -209,9 +211,13 @@ def main(argv=None) -> int:
             print(f"[peft-suite] patched-only, known fp32 rounding: {nodeid}: {known_rounding(nodeid)}", flush=True)
         if regressions:
             failed = True
-        if ran_patched and fused == 0:
-            print(f"[peft-suite] NO FUSED CALLS in {module}: the patched run never reached lora_kernels", flush=True)
+        peft_forwards = sum(results[True].get("peft_forwards", {}).values())
+        counts["PEFT lora.Linear forwards (patched run)"] = peft_forwards
+        if ran_patched and fused == 0 and peft_forwards:
+            print(f"[peft-suite] NO FUSED CALLS in {module}: its LoRA layers ran PEFT's forward only", flush=True)
             failed = True
+        elif ran_patched and fused == 0:
+            print(f"[peft-suite] {module}: no LoRA-layer forward in its tests that ran (nothing to fuse)", flush=True)
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + v
     for module in timed_out:
