@@ -10,7 +10,7 @@ and the public entry points themselves — and the calls the patched layers make
 are counted per test module, and so are the calls of PEFT's own `lora.Linear.forward` (layers
 left unpatched or handing a call back to PEFT).
 Writes {"outcomes": {nodeid: passed|failed|skipped|hub}, "fused_calls": {module: n},
-"peft_forwards": {module: n}, "patched_models": n} to $LORA_KERNELS_PEFT_SUITE_OUT at the end.
+"peft_forwards": {module: n}, "kept_layers": {module: {patch()'s reason: layers}}, "patched_models": n} to $LORA_KERNELS_PEFT_SUITE_OUT at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ _HUB_SIGNS = (
 outcomes: dict = {}
 fused_calls: collections.Counter = collections.Counter()
 peft_forwards: collections.Counter = collections.Counter()
+kept_layers: dict = collections.defaultdict(collections.Counter)
 patched_models = 0
 _current_module = None
 
@@ -60,8 +61,10 @@ def _patch_model(model):
     from lora_kernels.integrations import peft as integration
 
     if model is not None and hasattr(model, "modules"):
-        integration.patch(model)
+        report = integration.patch(model)
         patched_models += 1
+        for reason, names in report.kept.items():  # the layers patch() leaves to PEFT, and why
+            kept_layers[_current_module][reason] += len(names)
     return model
 
 
@@ -167,4 +170,5 @@ def pytest_sessionfinish(session):
     if path:
         with open(path, "w") as f:
             results = {"outcomes": outcomes, "fused_calls": dict(fused_calls), "peft_forwards": dict(peft_forwards)}
+            results["kept_layers"] = {module: dict(reasons) for module, reasons in kept_layers.items()}
             json.dump({**results, "patched_models": patched_models}, f)

@@ -88,6 +88,15 @@ KNOWN_ROUNDING = {
     ),
 }
 
+# Files whose LoRA layers all keep PEFT's forward by design, so their patched run cannot call the
+# fused op (the runner prints patch()'s reasons for them on every run). Each: file -> why.
+NOT_FUSED_BY_DESIGN = {
+    "tests/test_lora_variants.py": (
+        "every LoRA layer its offline tests run forward is a LoRA variant (DoRA, aLoRA, KaSA), which "
+        "patch() leaves to PEFT's forward (its reason: 'LoRA variant ... keep PEFT's forward')"
+    ),
+}
+
 
 def prepare(cache: Path) -> tuple[Path, Path]:
     """(the extracted sdist's root, the test-dependency folder), fetched on first use."""
@@ -189,9 +198,10 @@ def main(argv=None) -> int:
         results = {}
         for patched in (False, True):
             start = time.time()
-            out = args.cache / f"result-{'patched' if patched else 'plain'}.json"
-            results[patched] = run_pytest(root, deps, selection, args.pytest_args, patched, out, args.timeout)
             run = "patched" if patched else "plain"
+            out = args.cache / f"result-{os.getpid()}-{run}.json"  # two runners may share the cache
+            results[patched] = run_pytest(root, deps, selection, args.pytest_args, patched, out, args.timeout)
+            out.unlink(missing_ok=True)
             if results[patched] is None:
                 print(f"[peft-suite] TIMED OUT: {module} {run} after {args.timeout:.0f} s", flush=True)
                 break
@@ -214,8 +224,13 @@ def main(argv=None) -> int:
         peft_forwards = sum(results[True].get("peft_forwards", {}).values())
         counts["PEFT lora.Linear forwards (patched run)"] = peft_forwards
         if ran_patched and fused == 0 and peft_forwards:
-            print(f"[peft-suite] NO FUSED CALLS in {module}: its LoRA layers ran PEFT's forward only", flush=True)
-            failed = True
+            kept = results[True].get("kept_layers", {}).get(module, {})
+            print(f"[peft-suite] {module}: layers patch() left to PEFT (reason: count): {kept}", flush=True)
+            if module in NOT_FUSED_BY_DESIGN:
+                print(f"[peft-suite] {module}: no fused calls, by design: {NOT_FUSED_BY_DESIGN[module]}", flush=True)
+            else:
+                print(f"[peft-suite] NO FUSED CALLS in {module}: its LoRA layers ran PEFT's forward only", flush=True)
+                failed = True
         elif ran_patched and fused == 0:
             print(f"[peft-suite] {module}: no LoRA-layer forward in its tests that ran (nothing to fuse)", flush=True)
         for k, v in counts.items():
