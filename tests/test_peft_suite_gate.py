@@ -19,8 +19,8 @@ def _load(name):
 peft_gate_plugin, run = _load("peft_gate_plugin"), _load("run")
 
 
-def results(outcomes, fused=None):
-    return {"outcomes": outcomes, "fused_calls": fused or {}, "patched_models": 0}
+def results(outcomes, fused=None, returncode=0):
+    return {"outcomes": outcomes, "fused_calls": fused or {}, "patched_models": 0, "returncode": returncode}
 
 
 def test_patched_only_failures_are_counted_and_known_rounding_is_reported_apart():
@@ -92,3 +92,9 @@ def test_no_fused_calls_fail_only_where_lora_layers_ran_peft_forward(monkeypatch
     assert "NO FUSED CALLS in tests/test_other.py" in capsys.readouterr().out
     assert _main_with(monkeypatch, tmp_path, results({"t": "passed"})) == 0  # no LoRA forward at all
     assert "no LoRA-layer forward" in capsys.readouterr().out
+
+
+def test_a_pytest_error_fails_the_gate(monkeypatch, tmp_path, capsys):
+    # a collection error (exit status 2) leaves no outcomes: nothing would differ between the runs
+    assert _main_with(monkeypatch, tmp_path, results({}, returncode=2)) == 1
+    assert "PYTEST ERROR in tests/test_other.py: exit status [2]" in capsys.readouterr().out

@@ -12,7 +12,8 @@ list, in FULL's order (an unknown name is an error). --timeout SECONDS kills a f
 patched pytest run after that long: the file is reported as TIMED OUT, its counts are not known,
 and the gate fails (exit 1) — a timed-out file never passes silently.
 
-Fails (exit 1) when a test passes plainly but fails patched, or when a test module's LoRA layers
+Fails (exit 1) when a test passes plainly but fails patched, when pytest itself fails on a file
+(a collection error, no test selected: exit status other than 0 or 1), or when a test module's LoRA layers
 ran forwards in the patched run but never called the fused op (the gate would prove nothing
 there); a module whose tests that ran never forward a LoRA layer (e.g. only "raises" tests run
 offline) is reported as such.
@@ -39,7 +40,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 # PEFT's test-only imports missing from a training environment (versions the gate was run with).
-TEST_DEPS = ("parameterized==0.9.0", "scipy==1.17.1", "diffusers==0.42.1")
+# attrs: peft.tuners.lora.corda imports `attr` (test_initialization.py imports corda).
+TEST_DEPS = ("parameterized==0.9.0", "scipy==1.17.1", "diffusers==0.42.1", "attrs==26.1.0")
 
 # The CI subset (<= 10 min for both runs on a 2-core CPU): LoRA on PEFT's small custom models —
 # forward, training, merging and disabling with merged adapters, several adapters (added and
@@ -110,10 +112,11 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         with tarfile.open(cache / f"peft-{version}.tar.gz") as tar:
             tar.extractall(cache, filter="data")
         (root / "tests" / "__init__.py").touch()  # the sdist omits it; the tests import relatively
-    if not (deps / ".done").exists():
-        install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(deps), *TEST_DEPS]
-        subprocess.run(install, check=True)
-        (deps / ".done").touch()
+    done = deps / ".done"  # holds the list installed: a changed TEST_DEPS installs again
+    if not done.exists() or done.read_text() != " ".join(TEST_DEPS):
+        install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(deps)]
+        subprocess.run([*install, *TEST_DEPS], check=True)
+        done.write_text(" ".join(TEST_DEPS))
     return root, deps
 
 
@@ -127,7 +130,8 @@ def select(names: str) -> list:
 
 
 def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bool, out: Path, timeout=None):
-    """The plugin's results of one pytest run, or None when it ran longer than timeout seconds."""
+    """The plugin's results of one pytest run (and pytest's exit status), or None when it ran
+    longer than timeout seconds."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -143,7 +147,7 @@ def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bo
     # Own process group, so a timeout also ends pytest's children (torch.compile workers).
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
     try:
-        proc.wait(timeout=timeout)
+        returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -152,7 +156,9 @@ def run_pytest(root: Path, deps: Path, selection: list, extra: list, patched: bo
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     with open(out) as f:
-        return json.load(f)
+        results = json.load(f)
+    results["returncode"] = returncode
+    return results
 
 
 def known_rounding(nodeid: str):
@@ -210,6 +216,10 @@ def main(argv=None) -> int:
             timed_out.append(module)
             failed = True
             continue
+        broken = {r["returncode"] for r in results.values()} - {0, 1}  # 2: collection error, 5: no tests, ...
+        if broken:
+            print(f"[peft-suite] PYTEST ERROR in {module}: exit status {sorted(broken)} (see its output)", flush=True)
+            failed = True
         regressions, rounding, counts = compare(results[False], results[True])
         fused = sum(results[True]["fused_calls"].values())
         ran_patched = sum(o in ("passed", "failed") for o in results[True]["outcomes"].values())
