@@ -8,14 +8,16 @@ Patched run (LORA_KERNELS_PEFT_SUITE_PATCH=1): every PEFT model is patched with
 `BaseTuner.inject_adapter` (every path that creates LoRA layers: get_peft_model, PeftModel and
 PeftMixedModel construction/from_pretrained, add_adapter, load_adapter, inject_adapter_in_model)
 and the public entry points themselves — and the calls the patched layers make to the fused op
-are counted per test module.
+are counted per test module, and so are the calls of PEFT's own `lora.Linear.forward` (layers
+left unpatched or handing a call back to PEFT).
 Writes {"outcomes": {nodeid: passed|failed|skipped|hub}, "fused_calls": {module: n},
-"patched_models": n} to $LORA_KERNELS_PEFT_SUITE_OUT at the end.
+"peft_forwards": {module: n}, "kept_layers": {module: {patch()'s reason: layers}}, "patched_models": n} to $LORA_KERNELS_PEFT_SUITE_OUT at the end.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -37,6 +39,8 @@ _HUB_SIGNS = (
 
 outcomes: dict = {}
 fused_calls: collections.Counter = collections.Counter()
+peft_forwards: collections.Counter = collections.Counter()
+kept_layers: dict = collections.defaultdict(collections.Counter)
 patched_models = 0
 _current_module = None
 
@@ -58,8 +62,10 @@ def _patch_model(model):
     from lora_kernels.integrations import peft as integration
 
     if model is not None and hasattr(model, "modules"):
-        integration.patch(model)
+        report = integration.patch(model)
         patched_models += 1
+        for reason, names in report.kept.items():  # the layers patch() leaves to PEFT, and why
+            kept_layers[_current_module][reason] += len(names)
     return model
 
 
@@ -75,14 +81,16 @@ def _after(fn, target):
     return wrapper
 
 
-def _count_fused(lora_linear):
-    @functools.wraps(lora_linear)
+def _counted(fn, counter):
+    """fn, counting its eager calls per test module in counter."""
+
+    @functools.wraps(fn)
     def counting(*args, **kwargs):
         import torch
 
         if not torch.compiler.is_compiling():
-            fused_calls[_current_module] += 1
-        return lora_linear(*args, **kwargs)
+            counter[_current_module] += 1
+        return fn(*args, **kwargs)
 
     return counting
 
@@ -91,11 +99,14 @@ def _install_patching() -> None:
     import peft
     import peft.mapping_func
     from peft import PeftMixedModel, PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTuner
 
     from lora_kernels.integrations import peft as integration
 
-    integration.lora_linear = _count_fused(integration.lora_linear)
+    integration.lora_linear = _counted(integration.lora_linear, fused_calls)
+    # PEFT's own lora.Linear forward: unpatched layers, and patched ones handing a call back to it.
+    LoraLinear.forward = _counted(LoraLinear.forward, peft_forwards)
     BaseTuner.inject_adapter = _after(BaseTuner.inject_adapter, lambda args, _: args[0].model)
     wrapped_get = _after(peft.mapping_func.get_peft_model, lambda args, result: result)
     peft.get_peft_model = peft.mapping_func.get_peft_model = wrapped_get
@@ -106,7 +117,24 @@ def _install_patching() -> None:
         cls.from_pretrained = classmethod(_after(from_pretrained, lambda args, result: result))
 
 
+def _keep_offline() -> None:
+    """PEFT's `hub_online_once(model_id)` switches the hub back on for a model's first use; offline,
+    each such test then waits for network timeouts (~50 s each here) before it fails as `hub`.
+    Replaced, before the test modules import it, by a context that leaves the hub off."""
+    try:
+        from tests import testing_utils  # PEFT's tests/ (cwd is the sdist root)
+    except ImportError:
+        return
+
+    @contextlib.contextmanager
+    def hub_stays_offline(model_id):
+        yield
+
+    testing_utils.hub_online_once = hub_stays_offline
+
+
 def pytest_configure(config):
+    _keep_offline()
     if PATCH:
         _install_patching()
 
@@ -142,4 +170,6 @@ def pytest_sessionfinish(session):
     path = os.environ.get("LORA_KERNELS_PEFT_SUITE_OUT")
     if path:
         with open(path, "w") as f:
-            json.dump({"outcomes": outcomes, "fused_calls": dict(fused_calls), "patched_models": patched_models}, f)
+            results = {"outcomes": outcomes, "fused_calls": dict(fused_calls), "peft_forwards": dict(peft_forwards)}
+            results["kept_layers"] = {module: dict(reasons) for module, reasons in kept_layers.items()}
+            json.dump({**results, "patched_models": patched_models}, f)
