@@ -114,8 +114,12 @@ def _lora_fwd_kernel(
     `_splitk_reduce_kernel`: deterministic), 2 atomically adds it into ws[0] (order not fixed)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    if SPLIT_MODE == 0:  # compile-time: F1/unsplit F2 keep constant loop bounds (F1 spilled otherwise)
+        k_begin = 0
+        k_end = K
+    else:
+        k_begin = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
