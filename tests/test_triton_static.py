@@ -240,3 +240,21 @@ def test_spilling_shapes_are_not_selected(arch):
                 else:
                     assert rp < 64 or gdb.kwargs["BLOCK_N"] < 128 or gdb.num_warps == 8, gdb
                     assert da.kwargs["BLOCK_M"] * da.kwargs["BLOCK_K"] <= 64 * 64, da
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_splitk_fills_a_wave(arch, elem):
+    """M = 16, K = N = 4096 on 132 SMs: the unsplit F2 GEMM had cdiv(16, BM)·cdiv(4096, BN) programs
+    (32 at BN = 128), a quarter wave; the split-K plan launches >= 132, each split keeps >= 4 K steps,
+    the fp32 workspace stays small, and M > 64 never splits."""
+    limit = configs.SMEM_LIMIT_BY_ARCH[arch]
+    m, n, k = 16, 4096, 4096
+    cfg, split, k_per_split = configs.splitk_plan(m, n, k, 132, elem, 16, limit, interpret=False)
+    kw = cfg.kwargs
+    programs = triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]) * split
+    assert programs >= 132, (kw, split)
+    assert k_per_split % kw["BLOCK_K"] == 0 and k_per_split >= configs.SPLITK_MIN_K_STEPS * kw["BLOCK_K"]
+    assert (split - 1) * k_per_split < k <= split * k_per_split  # no empty split
+    assert split * m * n * 4 <= 4 * 2**20
+    assert configs.splitk_plan(65, n, k, 132, elem, 16, limit, interpret=False) is None

@@ -44,7 +44,7 @@ from lora_kernels.triton import bwd, configs, fwd
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn", "stride_dyn",
                  "stride_gr", "stride_dxk", "stride_dak", "stride_dbr", "stride_gpr"}
 _NOT_DIVISIBLE = {"R", "scaling", "inv_keep", "threshold", "M_BUCKET", "ROW_CAP", "ROW_PROGRAMS", "CHUNK_N"}
-_FP32_BUFFERS = {"db_ptr", "da_ptr", "g_ptr", "gp_ptr"}
+_FP32_BUFFERS = {"db_ptr", "da_ptr", "g_ptr", "gp_ptr", "ws_ptr"}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHILOX_MULHI_PER_CALL = 20  # Philox4x32-10: two 32x32->hi multiplies per round
 PHILOX_SLACK = 1.25
@@ -139,6 +139,7 @@ def philox_mulhi(ptx: str) -> int:
 
 # --- what can be selected ------------------------------------------------------------------------
 M_BUCKETS = (16, 8192)  # decode and large-M pruning paths
+SPLITK_M = (1, 32, 64)  # every decode row of the split-K tiles
 
 
 def _meta(dtype):
@@ -187,12 +188,20 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
             if quick and not (drop and not aligned):
                 continue
             consts = dict(HAS_BIAS=True, HAS_DROPOUT=drop, FUSE_XA=True, K_ALIGNED=aligned, R_PAD=r_pad,
-                          DOT_PRECISION=prec)
+                          DOT_PRECISION=prec, SPLIT_MODE=0)
             out.append(("fwd", f"F1 dropout={drop} aligned={aligned}", fwd._lora_fwd_kernel, consts,
                         fwd_sel(True, drop, aligned), fwd_model(True)))
-    out.append(("fwd", "F2", fwd._lora_fwd_kernel,
-                dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec),
-                fwd_sel(False, False), fwd_model(False)))
+    f2 = dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=r_pad, DOT_PRECISION=prec)
+    out.append(("fwd", "F2", fwd._lora_fwd_kernel, dict(f2, SPLIT_MODE=0), fwd_sel(False, False), fwd_model(False)))
+    # Decode split-K (fixed tiles by M, `configs.splitk_config`) and its reduction.
+    splitk_sel = _unique([c for m in SPLITK_M if (c := configs.splitk_config(m, elem, r_pad, limit, interpret=False))])
+    for mode, label in ((1, "ordered"), (2, "atomic"))[:1 if quick else 2]:
+        if splitk_sel:
+            out.append(("fwd", f"F2 split-K {label}", fwd._lora_fwd_kernel, dict(f2, SPLIT_MODE=mode), splitk_sel,
+                        fwd_model(False)))
+    out.append(("red", "split-K", fwd._splitk_reduce_kernel, {},
+                [triton.Config({"BLOCK": configs.SPLITK_REDUCE_BLOCK}, num_warps=4, num_stages=3)],
+                lambda c: configs.SMEM_SLACK))
     xa_sel = _unique([c for b in M_BUCKETS for c in configs.prune_stream(
         configs.xa_configs(interpret=False), {"M_BUCKET": b, "x_ptr": w}, R_PAD=r_pad, SMEM_LIMIT=limit)])
     for drop in ((True,) if quick else (True, False)):
@@ -237,7 +246,7 @@ def _groups_per_thread(name, consts, c):
 
 
 _KERNELS = {"fwd": fwd._lora_fwd_kernel, "xa": fwd._lora_fwd_xa_kernel, "gdb": bwd._lora_bwd_gdb_kernel,
-            "da": bwd._lora_bwd_da_kernel, "dx": bwd._lora_bwd_dx_kernel}
+            "da": bwd._lora_bwd_da_kernel, "dx": bwd._lora_bwd_dx_kernel, "red": fwd._splitk_reduce_kernel}
 
 
 def _row(job):

@@ -482,3 +482,53 @@ def pinned_dx_config(configs, named_args, **kwargs):
     """Deterministic mode's dX config: the first survivor of `prune_dx` (a fixed preference
     order, no timing), so every process on the same GPU model sums dA in the same layout."""
     return prune_dx(configs, named_args, **kwargs)[0]
+
+
+# --- decode split-K forward (F2, M <= SMALL_M): a pure function of the shapes, never of timing ----
+# At decode the (M, N) tiles alone are a fraction of a wave (M=16, N=4096, BLOCK_N=64: 64 programs
+# on 132 SMs) and each reads a long K strip of W; splitting K fills the GPU. The split layout fixes
+# the fp32 summation order, so it must not depend on autotuning.
+DEFAULT_SM_COUNT = 132  # H100 SXM / H200: the plan for CPU tensors (interpreter, tests)
+SPLITK_MIN_K_STEPS = 4  # BLOCK_K steps a split keeps at least, so its loads still pipeline
+SPLITK_MAX = 16
+SPLITK_REDUCE_BLOCK = 1024
+# Decode tiles by M (BLOCK_M >= M up to 64): `_SMALL` rows, checked by compile_check --report.
+_SPLITK_16BIT = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4), (64, 64, 64, 1, 4, 4)]
+
+
+def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+    """The split-K forward tile for M rows of `elem`-byte inputs: the smallest decode row with
+    BLOCK_M >= M (fp32: the last of `fp32_tiles`) whose shared memory (`smem_fwd`, F2) fits `limit`;
+    None when none does (the autotuned kernel then raises its own error)."""
+    if interpret:
+        rows = [_INTERPRET_GEMM]
+    elif elem == 4:
+        rows = fp32_tiles(r_pad)[-1:]
+    else:
+        rows = [t for t in _SPLITK_16BIT if t[0] >= min(m, 64)]
+    for t in rows:
+        if smem_fwd(t[0], t[1], t[2], t[5], elem, r_pad, False) <= limit:
+            return _config(*t)
+    return None
+
+
+def splitk_plan(m: int, n: int, k: int, sm_count: int, elem: int, r_pad: int, limit: int,
+                interpret: bool = INTERPRET):
+    """(config, SPLIT_K, K_PER_SPLIT) for the F2 forward GEMM, or None for the unsplit autotuned
+    kernel (M > SMALL_M, or one split is enough). SPLIT_K is the fewest splits that make
+    tiles·SPLIT_K >= sm_count (one wave), at most SPLITK_MAX and leaving every split at least
+    SPLITK_MIN_K_STEPS BLOCK_K steps; K_PER_SPLIT is a multiple of BLOCK_K and no split is empty.
+    The fp32 workspace is SPLIT_K·M·N·4 bytes (<= 16·64·N·4)."""
+    if m > SMALL_M:
+        return None
+    cfg = splitk_config(m, elem, r_pad, limit, interpret)
+    if cfg is None:
+        return None
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = min(triton.cdiv(sm_count, tiles), SPLITK_MAX, triton.cdiv(k, bk * SPLITK_MIN_K_STEPS))
+    if split <= 1:
+        return None
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    return (cfg, split, k_per_split) if split > 1 else None

@@ -98,15 +98,28 @@ def _lora_fwd_kernel(
     b_ptr, stride_bn, stride_br,
     xa_ptr, stride_xam, stride_xar,
     y_ptr, stride_ym, stride_yn,
-    seed_ptr,
-    M, N, K, R, scaling, inv_keep, threshold, M_BUCKET,
+    seed_ptr, ws_ptr,
+    M, N, K, R, scaling, inv_keep, threshold, M_BUCKET, K_PER_SPLIT,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_XA: tl.constexpr, K_ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_MODE: tl.constexpr = 0,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y = x·Wᵀ + b + s·xa·Bᵀ. FUSE_XA (F1): xa is accumulated here
-    and stored by the pid_n == 0 tiles; else (F2) it is read from xa_ptr."""
+    and stored by the pid_n == 0 tiles; else (F2) it is read from xa_ptr.
+
+    Split-K (F2 only, SPLIT_MODE 1 or 2; K_PER_SPLIT a multiple of BLOCK_K): program axis 1 picks
+    the K range [pid_k·K_PER_SPLIT, +K_PER_SPLIT); split 0 alone adds b + s·xa·Bᵀ. The fp32 partial
+    goes to ws_ptr: SPLIT_MODE 1 stores it at ws[pid_k] (summed in split order by
+    `_splitk_reduce_kernel`: deterministic), 2 atomically adds it into ws[0] (order not fixed)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    if SPLIT_MODE == 0:  # compile-time: F1/unsplit F2 keep constant loop bounds (F1 spilled otherwise)
+        k_begin = 0
+        k_end = K
+    else:
+        k_begin = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
@@ -117,8 +130,9 @@ def _lora_fwd_kernel(
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
 
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk  # Wᵀ tile
+    offs_kk = (k_begin + offs_k).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_kk[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_kk[:, None] * stride_wk  # Wᵀ tile
     # Epilogue operands Bᵀ and bias are loaded before the main loop, so their latency hides
     # behind it (xa, a row-block operand, is loaded after: preloading it too made sm80 128x128
     # tiles on 4 warps spill).
@@ -133,8 +147,8 @@ def _lora_fwd_kernel(
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
             flat_row = rows * K
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_k = (k0 + offs_k) < k_end
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
@@ -163,11 +177,36 @@ def _lora_fwd_kernel(
     # Accumulate into acc (no second BLOCK_M x BLOCK_N fp32 tile: that spills at 128x256): s is
     # folded into the small xa operand, one extra rounding of the LoRA term in the input dtype.
     xa_s = (xa.to(tl.float32) * scaling).to(xa.dtype)
-    acc = tl.dot(xa_s, bt, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_MODE == 0:
+        acc = tl.dot(xa_s, bt, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        if pid_k == 0:  # the LoRA term and the bias exactly once
+            acc = tl.dot(xa_s, bt, acc, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += bias[None, :]
+        ws_ptrs = ws_ptr + rows[:, None] * N + cols[None, :]
+        if SPLIT_MODE == 1:
+            tl.store(ws_ptrs + tl.cast(pid_k, tl.int64) * M * N, acc, mask=out_mask)
+        else:
+            tl.atomic_add(ws_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, y_ptr, stride_ym, stride_yn, M, N, SPLIT_K, BLOCK: tl.constexpr):
+    """y = sum over s of ws[s] (fp32 (SPLIT_K, M, N), contiguous), in split order, cast to y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + tl.cast(s, tl.int64) * M * N + offs, mask=mask, other=0.0)
+    rows = offs // N
+    cols = offs % N
+    tl.store(y_ptr + rows * stride_ym + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -212,8 +251,9 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
                 m, k, r, inv_keep, threshold, configs.m_bucket(m),
                 **common,
             )
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _lora_fwd_kernel[grid](
+        plan = None if fuse_xa else configs.splitk_plan(
+            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs._smem_limit_of(x2d.device))
+        args = (
             x2d, x2d.stride(0), x2d.stride(1),
             weight, weight.stride(0), weight.stride(1),
             bias,
@@ -222,10 +262,41 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
             xa, xa.stride(0), xa.stride(1),
             y, y.stride(0), y.stride(1),
             seed,
-            m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m),
-            HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common,
         )
+        scalars = (m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m))
+        flags = dict(HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common)
+        if plan is None:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            _lora_fwd_kernel[grid](*args, None, *scalars, k, **flags)
+        else:
+            _launch_splitk(plan, args, scalars, flags, y)
     return y, xa
+
+
+def _launch_splitk(plan, args, scalars, flags, y):
+    """Split-K forward (decode, see `configs.splitk_plan`): partials into an fp32 workspace, then
+    `_splitk_reduce_kernel` sums them in split order; non-deterministic mode atomically adds them
+    into one zeroed fp32 buffer instead (the reduce kernel then only casts it)."""
+    cfg, split_k, k_per_split = plan
+    m, n = y.shape
+    atomic = not configs.resolve_deterministic(None)
+    copies = 1 if atomic else split_k
+    alloc = torch.zeros if atomic else torch.empty
+    ws = alloc((copies, m, n), dtype=torch.float32, device=y.device)
+    tiles = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, cfg.kwargs["BLOCK_N"])
+    _lora_fwd_kernel.fn[(tiles, split_k)](
+        *args, ws, *scalars, k_per_split, **flags, SPLIT_MODE=2 if atomic else 1,
+        **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block = configs.SPLITK_REDUCE_BLOCK
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, y, y.stride(0), y.stride(1), m, n, copies, BLOCK=block)
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    """SMs of t's GPU; `configs.DEFAULT_SM_COUNT` for CPU tensors (interpreter)."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return configs.DEFAULT_SM_COUNT
 
 
 def _device_of(t: torch.Tensor):
