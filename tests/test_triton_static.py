@@ -80,7 +80,7 @@ def test_smem_limit_is_read_from_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(configs, "_DEVICE_SMEM", {})
     dev = torch.device("cuda", 0)
-    assert configs._smem_limit_of(dev) == 99 * 1024
+    assert configs.device_smem_limit(dev) == 99 * 1024
     w = types.SimpleNamespace(device=dev, element_size=lambda: 2)
     gemm = configs.gemm_configs(interpret=False, capability=(8, 0))
     for c in configs.prune_fwd(gemm, {"M_BUCKET": 8192, "w_ptr": w}, R_PAD=16, FUSE_XA=False):

@@ -282,7 +282,7 @@ def plan_backward(m, n, k, r, x2d, weight, has_dropout, compute_dx, deterministi
     """The `BackwardPlan` for an (M, K) x, (N, K) weight and rank r (see `lora_backward`)."""
     rp = r_pad(r)
     elem = x2d.element_size()
-    limit = smem_limit or configs._smem_limit_of(x2d.device)
+    limit = smem_limit or configs.device_smem_limit(x2d.device)
     gdb = configs.gdb_config(m, elem, rp, limit)
     gdb_rows, g_chunks = configs.gdb_grid(m, n, r, gdb.kwargs["BLOCK_M"], gdb.kwargs["BLOCK_N"])
     col_blocks = triton.cdiv(n, gdb.kwargs["BLOCK_N"])

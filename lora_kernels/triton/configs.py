@@ -182,7 +182,7 @@ SMEM_LIMIT_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 10
                       100: 227 * 1024, 120: 99 * 1024}
 
 
-def _smem_limit_of(device) -> int:
+def device_smem_limit(device) -> int:
     """Shared memory a block may opt into on `device` (a CUDA device), else the sm90 table entry."""
     if device is not None and device.type == "cuda":
         return _device_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
@@ -303,7 +303,7 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
     r_pad = kwargs.get("R_PAD", 16)
     # K % 8 != 0: every row of a tile makes one more mask group (its spill group).
     extra_groups_per_row = 0 if kwargs.get("K_ALIGNED", True) else 1
-    limit = kwargs.get("SMEM_LIMIT") or _smem_limit_of(_device(named_args, "w_ptr"))
+    limit = kwargs.get("SMEM_LIMIT") or device_smem_limit(_device(named_args, "w_ptr"))
     fits = [c for c in configs if smem(_tiles(c, out_cols, step), elem, r_pad) <= limit]
     if not fits:
         raise _no_config(kernel, r_pad, limit)
@@ -365,7 +365,7 @@ def prune_stream(configs, named_args, **kwargs):
     m = named_args["M_BUCKET"]
     elem = _elem(named_args, "x_ptr")
     r_pad = kwargs.get("R_PAD", 16)
-    limit = kwargs.get("SMEM_LIMIT") or _smem_limit_of(_device(named_args, "x_ptr"))
+    limit = kwargs.get("SMEM_LIMIT") or device_smem_limit(_device(named_args, "x_ptr"))
     fits = [c for c in configs if smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad) <= limit]
     if not fits:
         raise _no_config("xa pre-pass", r_pad, limit)

@@ -252,7 +252,7 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
                 **common,
             )
         plan = None if fuse_xa else configs.splitk_plan(
-            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs._smem_limit_of(x2d.device))
+            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs.device_smem_limit(x2d.device))
         args = (
             x2d, x2d.stride(0), x2d.stride(1),
             weight, weight.stride(0), weight.stride(1),
