@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.backends import BACKENDS, resolve
-from lora_kernels.reference import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
+from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

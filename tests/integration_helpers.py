@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lora_kernels.ops
-from lora_kernels.reference import draw_seed, dropout_multiplier
+from lora_kernels.dropout import draw_seed, dropout_multiplier
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

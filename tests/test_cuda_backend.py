@@ -21,6 +21,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import _extension, reference
+from lora_kernels import dropout as dropout_rule
 from helpers import assert_close, eager_same_dtype, make_inputs, oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -71,7 +72,7 @@ def test_cuda_backend_rejects_cpu_tensors():
 def test_cpu_generator_matches_mirror(seed, rows, cols, p):
     # The shared header's host path (what the CUDA kernels run on the device) against the Python mirror.
     got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)
-    assert torch.equal(got, reference.dropout_keep_mask(seed, rows, cols, p))
+    assert torch.equal(got, dropout_rule.dropout_keep_mask(seed, rows, cols, p))
 
 
 # --- the emulated backend -------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_emulated_without_grad_x(emu, dtype):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_emulated_keep_mask_matches_mirror(emu, seed, rows, cols, p):
     got = emu.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)
-    assert got.dtype == torch.bool and torch.equal(got, reference.dropout_keep_mask(seed, rows, cols, p))
+    assert got.dtype == torch.bool and torch.equal(got, dropout_rule.dropout_keep_mask(seed, rows, cols, p))
 
 
 def _mask_via_forward(forward, M, K, p, seed, device):
@@ -216,7 +217,7 @@ def _mask_via_forward(forward, M, K, p, seed, device):
 @pytest.mark.parametrize("seed", [7, 2**40 + 3], ids=hex)
 def test_emulated_forward_applies_the_mirror_mask(emu, seed):
     got = _mask_via_forward(emu.fused_forward, 21, 37, 0.5, seed, "cpu")
-    assert torch.equal(got, reference.dropout_keep_mask(seed, 21, 37, 0.5))
+    assert torch.equal(got, dropout_rule.dropout_keep_mask(seed, 21, 37, 0.5))
 
 
 def test_emulated_is_deterministic(emu, monkeypatch):
@@ -314,7 +315,7 @@ def test_gpu_lora_linear_matches_oracle(dtype, M, K, N, r, p, bias, layout):
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, grad_y)
     torch.manual_seed(3)  # the same seed draw as the call above
-    seed = reference.draw_seed("cuda") if p > 0 else None
+    seed = dropout_rule.draw_seed("cuda") if p > 0 else None
     y_ref, grads_ref = oracle(x, w, b, A, B, 0.5, p, None if seed is None else seed.cpu(), grad_y.cpu())
     y_e, grads_e = eager_same_dtype(xg, wg, bg, Ag, Bg, 0.5, p, seed, grad_y)
     assert_close(y, y_ref, dtype, "y", y_e)
@@ -334,7 +335,7 @@ def _relative_check(got, ref32, eager, name):
 def _reference_fp32(x, w, b, A, B, s, p, seed, grad_y):
     """fp32 forward and gradients on the GPU, by plain torch ops (the masked x only in fp32 chunks)."""
     M, K = x.shape
-    keep = None if seed is None else reference.dropout_keep_mask(int(seed.item()), M, K, p, device=x.device)
+    keep = None if seed is None else dropout_rule.dropout_keep_mask(int(seed.item()), M, K, p, device=x.device)
     xf = x.float()
     x_l = xf if keep is None else xf * keep * (1.0 / (1.0 - p))
     xa = x_l @ A.float().t()
@@ -379,13 +380,13 @@ def _mirror_rows(seed, row0, rows, cols, p, device):
     groups those rows cover only (flat indices past 2**31 without the rows before them)."""
     start, end = row0 * cols, (row0 + rows) * cols
     g0, g1 = start // 8, (end + 7) // 8
-    words = torch.stack(reference.philox4x32(torch.arange(g0, g1, dtype=torch.int64, device=device), seed), dim=1)
+    words = torch.stack(dropout_rule.philox4x32(torch.arange(g0, g1, dtype=torch.int64, device=device), seed), dim=1)
     lanes = torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], dim=2).reshape(-1)[start - 8 * g0 : end - 8 * g0]
-    return (lanes >= reference.dropout_threshold(p)).reshape(rows, cols)
+    return (lanes >= dropout_rule.dropout_threshold(p)).reshape(rows, cols)
 
 
 def test_mirror_rows_helper():
-    want = reference.dropout_keep_mask(9, 11, 13, 0.3)
+    want = dropout_rule.dropout_keep_mask(9, 11, 13, 0.3)
     assert torch.equal(_mirror_rows(9, 4, 5, 13, 0.3, "cpu"), want[4:9])
 
 
@@ -438,7 +439,7 @@ def test_gpu_flat_indices_past_2_31():
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_gpu_keep_mask_bit_identical(seed, rows, cols, p):
     got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed], device="cuda"), rows, cols, p).cpu()
-    assert torch.equal(got, reference.dropout_keep_mask(seed, rows, cols, p))
+    assert torch.equal(got, dropout_rule.dropout_keep_mask(seed, rows, cols, p))
     if torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels::dropout_keep_mask", "CPU"):
         assert torch.equal(got, torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p))
 
@@ -451,9 +452,9 @@ def test_gpu_forward_mask_matches_mirror_and_triton(M, K):
 
     seed = 2**40 + 9
     got = _mask_via_forward(compiled.forward, M, K, 0.5, seed, "cuda").cpu()
-    assert torch.equal(got, reference.dropout_keep_mask(seed, M, K, 0.5))
+    assert torch.equal(got, dropout_rule.dropout_keep_mask(seed, M, K, 0.5))
     if "triton" in lora_kernels.available_backends("cuda"):
-        import lora_kernels.triton as triton_backend
+        import lora_kernels.backends.triton as triton_backend
 
         assert torch.equal(got, _mask_via_forward(triton_backend.forward, M, K, 0.5, seed, "cuda").cpu())
 

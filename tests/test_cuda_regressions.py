@@ -15,6 +15,7 @@ import torch
 from test_cuda_backend import emu  # noqa: F401  (the emulated-backend fixture)
 
 from lora_kernels import _extension, reference
+from lora_kernels import dropout as dropout_rule
 from helpers import make_inputs, oracle
 
 
@@ -60,7 +61,7 @@ def test_dropped_nan_propagates(emu, dtype):
     # x·mask·scale as torch: a NaN in a dropped element of x makes its row of xa and dA's column NaN.
     M, K, N, r, p, seed = 9, 24, 16, 4, 0.5, 11
     x, w, b, A, B = make_inputs((M,), K, N, r, dtype, requires_grad=False)
-    keep = reference.dropout_keep_mask(seed, M, K, p)
+    keep = dropout_rule.dropout_keep_mask(seed, M, K, p)
     m, k = (int(i) for i in (~keep).nonzero()[0])
     x[m, k] = float("nan")
     seed_t = torch.tensor([seed])

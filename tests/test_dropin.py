@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.reference import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold, lora_linear_eager
+from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
+from lora_kernels.reference import lora_linear_eager
 from helpers import make_inputs
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
@@ -95,7 +96,7 @@ def nan_case(layout, dtype, p=0.5, m=9, r=4, n=8):
     k, strided = NAN_LAYOUTS[layout]
     x, weight, bias, lora_A, lora_B = make_inputs((m,), k, n, r, dtype, requires_grad=False)
     seed = draw_seed("cpu")
-    keep = lora_kernels.reference.dropout_keep_mask(int(seed), m, k, p)
+    keep = lora_kernels.dropout.dropout_keep_mask(int(seed), m, k, p)
     x = x.clone()
     for row in range(m):
         dropped = (~keep[row]).nonzero().flatten()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.reference import dropout_keep_mask, dropout_threshold, philox4x32
+from lora_kernels.dropout import dropout_keep_mask, dropout_threshold, philox4x32
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
 needs_cpu_kernels = pytest.mark.skipif("cpu" not in BACKENDS, reason="lora_kernels._C (cpu kernels) is not built")
@@ -64,7 +64,7 @@ def test_fused_op_applies_mirror_mask_forward_and_backward(backend, p):
     torch.manual_seed(3)
     y = lora_kernels.lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, backend=backend)
     torch.manual_seed(3)
-    seed = int(lora_kernels.reference.draw_seed("cpu").item())
+    seed = int(lora_kernels.dropout.draw_seed("cpu").item())
     keep = dropout_keep_mask(seed, m, k, p)
     assert torch.equal(y != 0, keep), "forward mask differs from the mirror"
     torch.testing.assert_close(y, x.detach() * keep / (1 - p))
@@ -135,7 +135,7 @@ def test_cpu_scalar_loops_match_the_reference():
     fused forward and gradients equal the reference backend's with the same seed."""
     code = (
         "import torch, lora_kernels\n"
-        "from lora_kernels.reference import dropout_keep_mask\n"
+        "from lora_kernels.dropout import dropout_keep_mask\n"
         "for seed, rows, cols, p in [(0, 3, 7, 0.1), (2**63 - 1, 17, 37, 0.5), (12345, 5, 1001, 0.9)]:\n"
         "    got = torch.ops.lora_kernels.dropout_keep_mask(torch.tensor([seed]), rows, cols, p)\n"
         "    assert torch.equal(got, dropout_keep_mask(seed, rows, cols, p)), (seed, rows, cols, p)\n"

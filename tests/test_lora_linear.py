@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels.reference import draw_seed
+from lora_kernels.dropout import draw_seed
 from helpers import assert_close, make_inputs, oracle
 
 # triton runs on CPU tensors only under its (slow) interpreter: it has its own test file.

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_kernels
-from lora_kernels.reference import draw_seed
+from lora_kernels.dropout import draw_seed
 from helpers import assert_close, eager_same_dtype, make_inputs, oracle
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]

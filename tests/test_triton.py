@@ -3,7 +3,7 @@
 backward reduction modes, and dropout masks bit-identical to the Python mirror.
 
 Without a CUDA GPU the kernels run on CPU tensors under the Triton interpreter: this module sets
-TRITON_INTERPRET=1 itself while it imports `lora_kernels.triton` (``triton.jit`` picks the
+TRITON_INTERPRET=1 itself while it imports `lora_kernels.backends.triton` (``triton.jit`` picks the
 interpreter when a kernel is *decorated*, i.e. at import) and while its tests run. Shapes are small,
 dtypes fp32/fp16 (the interpreter cannot do bf16 ``tl.dot``); bf16 and large shapes are
 ``@pytest.mark.gpu`` tests that need CUDA.
@@ -47,15 +47,15 @@ with _interpreter_env():
     triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'lora_kernels[triton]')")
     import triton.language as tl
 
-    import lora_kernels.triton.configs as _configs
+    import lora_kernels.backends.triton.configs as _configs
 
     if _configs.INTERPRET != INTERPRET:  # imported earlier with the other mode: re-decorate the kernels
         for _name in _SUBMODULES:
-            importlib.reload(sys.modules[f"lora_kernels.triton.{_name}"])
-        importlib.reload(sys.modules["lora_kernels.triton"])
-    import lora_kernels.triton as triton_backend
-    from lora_kernels.triton import configs
-    from lora_kernels.triton.dropout import _dropout_keep, _philox4x32
+            importlib.reload(sys.modules[f"lora_kernels.backends.triton.{_name}"])
+        importlib.reload(sys.modules["lora_kernels.backends.triton"])
+    import lora_kernels.backends.triton as triton_backend
+    from lora_kernels.backends.triton import configs
+    from lora_kernels.backends.triton.dropout import _dropout_keep, _philox4x32
 
     @triton.jit
     def _keep_probe_kernel(seed_ptr, out_ptr, flat0, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,6 +83,7 @@ with _interpreter_env():
 
 
 import lora_kernels  # noqa: E402
+from lora_kernels import dropout as dropout_rule  # noqa: E402
 from lora_kernels import reference  # noqa: E402
 from lora_kernels.backends import resolve  # noqa: E402
 from tests.helpers import assert_close, make_inputs, oracle  # noqa: E402
@@ -132,7 +133,7 @@ def _run_and_check(x, weight, bias, lora_A, lora_B, scaling, p, dtype, torch_see
     grad_y = grad_y.to(x.device)
     grads = torch.autograd.grad(y, (x, lora_A, lora_B), grad_y)
     torch.manual_seed(torch_seed)  # the same seed lora_linear drew
-    seed = reference.draw_seed(x.device) if p > 0 else None
+    seed = dropout_rule.draw_seed(x.device) if p > 0 else None
     y_ref, grads_ref = oracle(x, weight, bias, lora_A, lora_B, scaling, p, seed, grad_y)
     assert_close(y, y_ref, dtype, "y")
     for name, got, want in zip(("grad_x", "grad_A", "grad_B"), grads, grads_ref):
@@ -312,7 +313,7 @@ def test_dropout_mask_bit_identical(k, p, schedule):
     dy = (1.0 + torch.rand(m, k, generator=gen, dtype=dtype)).to(DEVICE)
     for seed_value in SEEDS:
         seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
-        keep = reference.dropout_keep_mask(seed_value, m, k, p).to(DEVICE)
+        keep = dropout_rule.dropout_keep_mask(seed_value, m, k, p).to(DEVICE)
         scale = 1.0 / (1.0 - p)
         y, xa = triton_backend.forward(x, weight, None, eye, eye, 1.0, p, seed, schedule=schedule)
         assert torch.equal(y != 0, keep), f"forward mask differs, seed={seed_value:#x}"
@@ -324,11 +325,11 @@ def test_dropout_mask_bit_identical(k, p, schedule):
 
 def _mirror_keep(seed: int, flat: torch.Tensor, p: float) -> torch.Tensor:
     """The rule of `lora_kernels.reference` for arbitrary flat indices (the mirror itself starts at 0)."""
-    words = reference.philox4x32(flat // 8, seed)
+    words = dropout_rule.philox4x32(flat // 8, seed)
     lane_id = flat % 8
     word = torch.stack(words, dim=-1).gather(-1, (lane_id // 2).unsqueeze(-1)).squeeze(-1)
     lane = (word >> (16 * (lane_id % 2))) & 0xFFFF
-    return lane >= reference.dropout_threshold(p)
+    return lane >= dropout_rule.dropout_threshold(p)
 
 
 def _triton_random_usable() -> bool:
@@ -344,7 +345,7 @@ def test_philox_matches_mirror_and_tl_randint4x(seed_value):
     groups = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**61 - 1, 12345, 99, 7, 2**33,
                            5, 6, 8, 2**59], dtype=torch.int64)
     seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
-    want = torch.stack(reference.philox4x32(groups, seed_value))
+    want = torch.stack(dropout_rule.philox4x32(groups, seed_value))
     out = torch.empty(4, 16, dtype=torch.int64, device=DEVICE)
     _philox_probe_kernel[(1,)](seed, groups.to(DEVICE), out, USE_TRITON=False, BLOCK=16)
     assert torch.equal(out.cpu(), want)
@@ -356,7 +357,7 @@ def test_philox_matches_mirror_and_tl_randint4x(seed_value):
 
 
 def test_mirror_helper_agrees_with_reference():
-    keep = reference.dropout_keep_mask(42, 5, 37, 0.3)
+    keep = dropout_rule.dropout_keep_mask(42, 5, 37, 0.3)
     flat = torch.arange(5 * 37, dtype=torch.int64).reshape(5, 37)
     assert torch.equal(_mirror_keep(42, flat, 0.3), keep)
 
@@ -377,7 +378,7 @@ def test_dropout_helper_large_offsets(flat0, aligned):
     for seed_value in (SEEDS[2], SEEDS[4]):
         out = torch.zeros(block_m, block_k, dtype=torch.int8, device=DEVICE)
         seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
-        _keep_probe_kernel[(1,)](seed, out, flat0, k, reference.dropout_threshold(p),
+        _keep_probe_kernel[(1,)](seed, out, flat0, k, dropout_rule.dropout_threshold(p),
                                  BLOCK_M=block_m, BLOCK_K=block_k, ALIGNED=aligned)
         flat = flat0 + torch.arange(block_m, dtype=torch.int64)[:, None] * k + torch.arange(block_k)[None, :]
         assert torch.equal(out.bool().cpu(), _mirror_keep(seed_value, flat, p)), f"seed={seed_value:#x}"
@@ -433,7 +434,7 @@ def test_large_bf16(m, k, n, schedule, p):
     lora_A = torch.randn(r, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
     lora_B = torch.randn(n, r, device=DEVICE, dtype=torch.bfloat16) * r**-0.5
     dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
-    seed = reference.draw_seed(DEVICE) if p > 0 else None
+    seed = dropout_rule.draw_seed(DEVICE) if p > 0 else None
     y, xa = triton_backend.forward(x, weight, bias, lora_A, lora_B, s, p, seed, schedule=schedule)
     grads = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, s, p, seed, True)
     f32 = [t.float() for t in (x, weight, bias, lora_A, lora_B)]
@@ -506,7 +507,7 @@ def test_dropout_propagates_nan_like_torch(schedule):
     (never where(keep, x, 0), which would hide it)."""
     m, k, n, r, p = 6, 37, 20, 3, 0.5
     x, weight, bias, lora_A, lora_B, dy, seed = _direct_inputs(m=m, k=k, n=n, r=r)
-    keep = reference.dropout_keep_mask(int(seed.item()), m, k, p)
+    keep = dropout_rule.dropout_keep_mask(int(seed.item()), m, k, p)
     row, col = [int(i) for i in (~keep).nonzero()[0]]
     x = x.clone()
     x[row, col] = float("nan")
@@ -589,7 +590,7 @@ def test_splitk_same_xa_and_close_y_as_unsplit(p, monkeypatch):
     m, k, n, r, dtype = 16, 300, 40, 3, torch.float32
     x, weight, bias, lora_A, lora_B = make_inputs((m,), k, n, r, dtype, DEVICE)
     seed = torch.tensor([0x1234], dtype=torch.int64, device=DEVICE) if p else None
-    fwd = sys.modules["lora_kernels.triton.fwd"]
+    fwd = sys.modules["lora_kernels.backends.triton.fwd"]
     args = (x, weight, bias, lora_A, lora_B, 0.75, p, seed)
     y1, xa1 = fwd.lora_forward(*args, schedule="F2")
     y2, _ = fwd.lora_forward(*args, schedule="F2")

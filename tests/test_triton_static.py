@@ -16,8 +16,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from lora_kernels.triton import bwd as triton_bwd  # noqa: E402
-from lora_kernels.triton import configs  # noqa: E402
+from lora_kernels.backends.triton import bwd as triton_bwd  # noqa: E402
+from lora_kernels.backends.triton import configs  # noqa: E402
 
 ARCHS = {80: (8, 0), 86: (8, 6), 90: (9, 0)}
 R_PADS = [16, 32, 64, 128, 256]
@@ -124,7 +124,7 @@ def test_tf32_switch_in_every_api_state(restore_tf32):
 
 
 def test_precision_is_an_autotune_key():
-    from lora_kernels.triton import fwd
+    from lora_kernels.backends.triton import fwd
 
     for kernel in (fwd._lora_fwd_kernel, fwd._lora_fwd_xa_kernel, triton_bwd._lora_bwd_dx_kernel):
         assert "DOT_PRECISION" in kernel.keys, kernel
@@ -159,7 +159,7 @@ def test_deterministic_plan_is_a_pure_function():
 
 
 def _compile_check(*args, timeout=900):
-    """lora_kernels.triton.compile_check in a fresh interpreter without TRITON_INTERPRET."""
+    """lora_kernels.backends.triton.compile_check in a fresh interpreter without TRITON_INTERPRET."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
@@ -169,7 +169,7 @@ def _compile_check(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "lora_kernels.triton.compile_check", *args],
+    return subprocess.run([sys.executable, "-m", "lora_kernels.backends.triton.compile_check", *args],
                           capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
 
 

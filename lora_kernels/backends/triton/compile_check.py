@@ -2,7 +2,7 @@
 """Compile the backend's kernels for NVIDIA GPUs without one (Triton -> PTX -> cubin, nothing is
 run) and check what the compiled code says: the static report of issue 9.
 
-    python -m lora_kernels.triton.compile_check --report [--quick | --extremes] [--arch 80,86,90]
+    python -m lora_kernels.backends.triton.compile_check --report [--quick | --extremes] [--arch 80,86,90]
         [--dtype bf16,fp16,fp32] [--r-pad 16,32,64,128,256] [--jobs 2] [--json out.json]
 
 For every kernel variant (each switch that changes code) x every config the pruning can select
@@ -39,7 +39,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lora_kernels.triton import bwd, configs, fwd
+from lora_kernels.backends.triton import bwd, configs, fwd
 
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn", "stride_dyn",
                  "stride_gr", "stride_dxk", "stride_dak", "stride_dbr", "stride_gpr"}

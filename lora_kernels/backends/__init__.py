@@ -63,9 +63,9 @@ BACKENDS = {
     b.name: b
     for b in (
         Backend("reference", "lora_kernels.reference", _always),
-        Backend("cpu", "lora_kernels.compiled", _compiled_reason("cpu")),
-        Backend("cuda", "lora_kernels.compiled", _compiled_reason("cuda")),
-        Backend("triton", "lora_kernels.triton", _triton_reason),
+        Backend("cpu", "lora_kernels.backends.compiled", _compiled_reason("cpu")),
+        Backend("cuda", "lora_kernels.backends.compiled", _compiled_reason("cuda")),
+        Backend("triton", "lora_kernels.backends.triton", _triton_reason),
     )
 }
 

@@ -14,8 +14,8 @@ the static report (compile for sm80/86/90 without a GPU) in `compile_check.py`:
 
 from __future__ import annotations
 
-from lora_kernels.triton.bwd import lora_backward
-from lora_kernels.triton.fwd import lora_forward
+from lora_kernels.backends.triton.bwd import lora_backward
+from lora_kernels.backends.triton.fwd import lora_forward
 
 __all__ = ["forward", "backward"]
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import configs
-from lora_kernels.triton.dropout import _dropout_keep, dropout_params
+from lora_kernels.backends.triton import configs
+from lora_kernels.backends.triton.dropout import _dropout_keep, dropout_params
 
 
 @triton.jit

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import configs
-from lora_kernels.triton.dropout import _dropout_keep, dropout_params
-from lora_kernels.triton.fwd import _device_of, _tile_ids, check_dtype, r_pad
+from lora_kernels.backends.triton import configs
+from lora_kernels.backends.triton.dropout import _dropout_keep, dropout_params
+from lora_kernels.backends.triton.fwd import _device_of, _tile_ids, check_dtype, r_pad
 
 
 @triton.jit

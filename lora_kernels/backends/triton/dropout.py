@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The dropout generator of docs/design.md §4 as a Triton helper: bit-identical to
-`lora_kernels.reference.dropout_keep_mask` (the Python mirror documents the rule).
+`lora_kernels.dropout.dropout_keep_mask` (the Python mirror documents the rule).
 
 One Philox4x32-10 call yields 128 bits = eight 16-bit lanes, one per element of a group of eight
 consecutive flat indices ``i = m*K + k``; the helper calls Philox once per group, never once per
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lora_kernels.reference import dropout_threshold
+from lora_kernels.dropout import dropout_threshold
 
 
 def dropout_params(dropout_p: float):
