@@ -91,7 +91,7 @@ def load_error() -> Optional[str]:
         return "lora_kernels._C is not built (pip install --no-build-isolation -e .)"
     try:
         importlib.import_module("lora_kernels._C")  # importing registers the ops
-        importlib.import_module("lora_kernels.backends.compiled")  # and their fake kernels
+        importlib.import_module("lora_kernels.backends.compiled_fakes")  # and their fake kernels
     except ImportError as exc:
         reason = f"lora_kernels._C failed to load, likely built for another torch/python: {exc}"
         warnings.warn(reason, RuntimeWarning, stacklevel=2)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from lora_kernels.backends import BACKENDS, resolve
+from lora_kernels.base_weights import FORMATS, BaseWeight, DenseWeight, as_base_weight
+from lora_kernels.contract import LoRASpec, LoRAWeights
 from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,62 +44,56 @@ def _no_autocast(x: Tensor):
     return contextlib.nullcontext()
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tuple[Tensor, Tensor]:
+def _forward(x, base: BaseWeight, bias, lora_A, lora_B, spec: LoRASpec, seed, backend) -> Tuple[Tensor, Tensor]:
     """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
+    n = base.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] == 0:
-        return x.new_zeros(*x.shape[:-1], weight.shape[0]), x.new_zeros(0, lora_A.shape[0])
+        return x.new_zeros(*x.shape[:-1], n), x.new_zeros(0, lora_A.shape[0])
     with _no_autocast(x):
-        y2d, xa = BACKENDS[backend].impl().forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return _not_a_view(y2d.contiguous(), (*x.shape[:-1], weight.shape[0])), xa
+        y2d, xa = BACKENDS[backend].forward(x2d, LoRAWeights(base, bias, lora_A, lora_B), spec, seed)
+    return _not_a_view(y2d.contiguous(), (*x.shape[:-1], n)), xa
 
 
-def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
+def _backward(grad_y, x, base: BaseWeight, lora_A, lora_B, xa, spec: LoRASpec, seed, backend, compute_grad_x):
     """-> (grad_x (shape of x; empty when not compute_grad_x), grad_A (r, K), grad_B (N, r))."""
-    k, n = x.shape[-1], weight.shape[0]
+    k, n = x.shape[-1], base.shape[0]
     x2d = x.reshape(-1, k)
     if x2d.shape[0] == 0:
         grad_x = x.new_zeros(x.shape) if compute_grad_x else x.new_empty(0)
         return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     dy = grad_y.reshape(-1, n).contiguous()
+    weights = LoRAWeights(base, None, lora_A, lora_B)
     with _no_autocast(x):
-        grad_x, grad_a, grad_b = BACKENDS[backend].impl().backward(
-            dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x
-        )
-    grad_x = grad_x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
-    return grad_x, grad_a, grad_b
+        grads = BACKENDS[backend].backward(dy, x2d, weights, xa, spec, seed, compute_grad_x)
+    grad_x = grads.x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
+    return grad_x, grads.lora_A, grads.lora_B
 
 
-def _input_grads(backward, ctx, grad_y) -> tuple:
-    """Gradients for lora_linear's 9 inputs from `backward` (_backward or its custom op), given the
-    autograd ctx holding what _save put there."""
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    grad_x, grad_a, grad_b = backward(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs_x
-    )
-    grad_w = grad_bias = None
-    if needs_w or needs_b:  # only when the base layer is trainable (rare)
-        dy2d = grad_y.reshape(-1, weight.shape[0])
-        grad_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if needs_w else None
-        grad_bias = dy2d.sum(0) if needs_b else None
-    return (grad_x if needs_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
-
-
-def _save(ctx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend) -> None:
-    # x is saved by reference (the caller's storage); never a dropped copy or a mask (docs/design.md §5).
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+def _base_grads(grad_y, x, weight: Optional[Tensor], needs_w: bool, needs_b: bool):
+    """Gradients of a trainable dense base (rare): (grad_weight or None, grad_bias or None)."""
+    if not (needs_w or needs_b):
+        return None, None
+    dy2d = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if needs_w and weight is not None else None
+    return grad_w, (dy2d.sum(0) if needs_b else None)
 
 
 # The op as torch.compile and torch.export see it: a torch.library custom op with a fake kernel
-# and registered autograd, whose backward is a custom op too.
+# and registered autograd, whose backward is a custom op too. The schema is flat: the base weight
+# travels as its format's tensors and ints (`BaseWeight.flatten`), the scalars one by one.
+
+
+def _unflatten(base_tensors: List[Tensor], base_format: str, base_meta: List[int]) -> BaseWeight:
+    return FORMATS[base_format].unflatten(list(base_tensors), list(base_meta))
 
 
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor,
-    weight: Tensor,
+    base_tensors: List[Tensor],
+    base_format: str,
+    base_meta: List[int],
     bias: Optional[Tensor],
     lora_A: Tensor,
     lora_B: Tensor,
@@ -107,23 +103,25 @@ def lora_linear_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Checked inputs, concrete backend -> (y (..., N), xa (M, r)). Dropout is on iff seed is given."""
-    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    base = _unflatten(base_tensors, base_format, base_meta)
+    return _forward(x, base, bias, lora_A, lora_B, LoRASpec(scaling, dropout_p), seed, backend)
 
 
 @lora_linear_op.register_fake
-def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight disagree on K")
-    torch._check(lora_A.shape[1] == weight.shape[1], lambda: "lora_A and weight disagree on K")
-    y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    xa = x.new_empty(_rows(x), lora_A.shape[0])
-    return y, xa
+def _lora_linear_fake(x, base_tensors, base_format, base_meta, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    n, k = _unflatten(base_tensors, base_format, base_meta).shape
+    torch._check(x.shape[-1] == k, lambda: "x and weight disagree on K")
+    torch._check(lora_A.shape[1] == k, lambda: "lora_A and weight disagree on K")
+    return x.new_empty(*x.shape[:-1], n), x.new_empty(_rows(x), lora_A.shape[0])
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(
     grad_y: Tensor,
     x: Tensor,
-    weight: Tensor,
+    base_tensors: List[Tensor],
+    base_format: str,
+    base_meta: List[int],
     lora_A: Tensor,
     lora_B: Tensor,
     xa: Tensor,
@@ -134,41 +132,74 @@ def lora_linear_backward_op(
     compute_grad_x: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (grad_x (shape of x; empty when not compute_grad_x), grad_A (r, K), grad_B (N, r))."""
-    return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x)
+    base = _unflatten(base_tensors, base_format, base_meta)
+    spec = LoRASpec(scaling, dropout_p)
+    return _backward(grad_y, x, base, lora_A, lora_B, xa, spec, seed, backend, compute_grad_x)
 
 
 @lora_linear_backward_op.register_fake
-def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, compute_grad_x):
+def _lora_linear_backward_fake(grad_y, x, base_tensors, base_format, base_meta, lora_A, lora_B, xa, scaling, dropout_p,
+                               seed, backend, compute_grad_x):
     grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
     return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    _save(ctx, x, weight, lora_A, lora_B, output[1], seed, scaling, dropout_p, backend)
+    x, base_tensors, base_format, base_meta, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    # x is saved by reference (the caller's storage); never a dropped copy or a mask (docs/design.md §5).
+    ctx.save_for_backward(x, lora_A, lora_B, output[1], seed, *base_tensors)
+    ctx.base_format, ctx.base_meta, ctx.scaling, ctx.dropout_p, ctx.backend = (
+        base_format, base_meta, scaling, dropout_p, backend)
 
 
-lora_linear_op.register_autograd(
-    lambda ctx, grad_y, grad_xa: _input_grads(lora_linear_backward_op, ctx, grad_y), setup_context=_setup_context
-)
+def _op_backward(ctx, grad_y, grad_xa):
+    x, lora_A, lora_B, xa, seed, *base_tensors = ctx.saved_tensors
+    needs_x, needs_w, _, _, needs_b = ctx.needs_input_grad[:5]
+    grad_x, grad_a, grad_b = lora_linear_backward_op(
+        grad_y, x, base_tensors, ctx.base_format, ctx.base_meta, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+        seed, ctx.backend, needs_x,
+    )
+    dense = base_tensors[0] if ctx.base_format == "dense" else None
+    grad_w, grad_bias = _base_grads(grad_y, x, dense, needs_w, needs_b)
+    grad_base = [grad_w] + [None] * (len(base_tensors) - 1) if needs_w else None
+    return (grad_x if needs_x else None), grad_base, None, None, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _EagerLoRALinear(torch.autograd.Function):
     """The same forward, saved tensors and backward in eager mode, without the custom ops'
     dispatcher and schema round trips (measured forward+backward of a 64 x 64 layer: lora_linear
-    took 0.17 ms through the custom op, 0.10 ms through this; F.linear 0.02 ms)."""
+    took 0.17 ms through the custom op, 0.10 ms through this; F.linear 0.02 ms).
+
+    `weight` is the dense W₀ tensor (so a trainable base gets its gradient) or None for other
+    formats, whose `base` (frozen, no gradient) is kept on ctx like a parameter, not saved."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        y, xa = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-        _save(ctx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, base, spec, seed, backend):
+        y, xa = _forward(x, base, bias, lora_A, lora_B, spec, seed, backend)
+        # x is saved by reference (the caller's storage); never a dropped copy or a mask (docs/design.md §5).
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.base = None if weight is not None else base
+        ctx.spec, ctx.backend = spec, backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         if torch.is_grad_enabled():  # create_graph=True: see _EagerBackward
             return _EagerBackward.apply(grad_y, *ctx.saved_tensors, ctx)
-        return _input_grads(_backward, ctx, grad_y)
+        return _eager_input_grads(ctx, grad_y)
+
+
+def _eager_input_grads(ctx, grad_y) -> tuple:
+    """Gradients for _EagerLoRALinear's 9 inputs."""
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    base = DenseWeight(weight) if weight is not None else ctx.base
+    grad_x, grad_a, grad_b = _backward(grad_y, x, base, lora_A, lora_B, xa, ctx.spec, seed, ctx.backend, needs_x)
+    grad_w, grad_bias = _base_grads(grad_y, x, weight, needs_w, needs_b)
+    return (grad_x if needs_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 DOUBLE_BACKWARD_ERROR = (
@@ -185,7 +216,7 @@ class _EagerBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_y, x, weight, lora_A, lora_B, xa, seed, outer_ctx):
-        return _input_grads(_backward, outer_ctx, grad_y)
+        return _eager_input_grads(outer_ctx, grad_y)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -212,12 +243,26 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
+class _WeightView:
+    """A BaseWeight's shape, dtype and device under the names the checks use for tensors."""
+
+    def __init__(self, base: BaseWeight):
+        self.shape, self.dtype, self.device = base.shape, base.dtype, base.device
+
+
 def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend) -> None:
-    """Raise TypeError/ValueError naming the argument for anything `lora_linear` cannot serve."""
+    """Raise TypeError/ValueError naming the argument for anything `lora_linear` cannot serve.
+    `weight` is a tensor (N, K) or a `BaseWeight` (its compute dtype counts as its dtype)."""
     _check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have shape (..., K) with at least 1 dim, got a 0-dim tensor")
-    _check_tensor("weight", weight, 2)
+    if isinstance(weight, BaseWeight):
+        if weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"weight ({weight.format}) must compute in float16, bfloat16, float32 or float64, "
+                            f"got {weight.dtype}")
+        weight = _WeightView(weight)
+    else:
+        _check_tensor("weight", weight, 2)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
     n, k = weight.shape
@@ -262,9 +307,29 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
 
 
+def check_seed(seed, x: Tensor) -> None:
+    """A caller's dropout seed must be an int64 tensor of shape (1,) on x's device, >= 0."""
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or tuple(seed.shape) != (1,):
+        shown = f"{seed.dtype} {tuple(seed.shape)}" if isinstance(seed, Tensor) else type(seed).__name__
+        raise TypeError(f"seed must be an int64 tensor of shape (1,) (see lora_kernels.dropout.draw_seed), got {shown}")
+    if seed.device != x.device:
+        raise ValueError(f"seed must be on x's device {x.device}, got {seed.device}")
+
+
+def effective_dropout(dropout_p: float, scaling: float, training: bool) -> LoRASpec:
+    """The LoRASpec a call runs with: p = 0 outside training; every element dropped (p = 1, or p
+    so close to it that the 16-bit threshold rounds to 2^16) is served as p = 0 with scaling 0 —
+    the LoRA term and the gradients of A and B are zero, as torch's dropout(p=1) gives — so no
+    kernel divides by 1 - p = 0."""
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and dropout_threshold(p) >= DROP_ALL_THRESHOLD:
+        return LoRASpec(0.0, 0.0)
+    return LoRASpec(float(scaling), p)
+
+
 def lora_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Union[Tensor, BaseWeight],
     bias: Optional[Tensor],
     lora_A: Tensor,
     lora_B: Tensor,
@@ -272,29 +337,38 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = True,
     backend: str = "auto",
+    *,
+    seed: Optional[Tensor] = None,
 ) -> Tensor:
-    """A LoRA linear layer in one fused op: ``x·weightᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ``.
+    """A LoRA linear layer in one fused op: ``x·W₀ᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ``.
 
-    x: (..., K), any leading dims (0 rows too) and strides; weight: (N, K); bias: (N,) or None;
-    lora_A: (r, K); lora_B: (N, r); all one dtype (fp16/bf16/fp32/fp64) on one device.
-    Returns y: (..., N). Dropout (inverted, rate `dropout_p` in [0, 1]) applies to the LoRA branch
-    only and only when `training`; its mask is regenerated in backward from a seed drawn from the
-    generator of x's device (see `lora_kernels.reference` for the exact rule, its 1/65536
-    resolution, and p >= 1 - 2^-17, which is served as p = 1: LoRA term and A/B gradients zero).
+    x: (..., K), any leading dims (0 rows too) and strides; weight: W₀ as a (N, K) tensor or a
+    `lora_kernels.base_weights.BaseWeight` (e.g. an NF4-quantized base); bias: (N,) or None;
+    lora_A: (r, K); lora_B: (N, r); all one dtype (fp16/bf16/fp32/fp64; a BaseWeight's compute
+    dtype) on one device. Returns y: (..., N). Dropout (inverted, rate `dropout_p` in [0, 1])
+    applies to the LoRA branch only and only when `training`; its mask is regenerated in backward
+    from `seed` (int64 (1,) on x's device; default: drawn from the generator of x's device) — see
+    `lora_kernels.dropout` for the exact rule, its 1/65536 resolution, and p >= 1 - 2^-17, which
+    is served as p = 1: LoRA term and A/B gradients zero.
     `backend`: "auto" or one of `available_backends()`; "auto" picks the fastest for the device.
-    Gradients flow to x, lora_A, lora_B, and to weight/bias when they require grad.
+    Gradients flow to x, lora_A, lora_B, and to a dense weight / bias when they require grad.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
-    name = resolve(backend, x.device, x.dtype)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and dropout_threshold(p) >= DROP_ALL_THRESHOLD:
-        # Every element dropped (p = 1, or p so close to it that the 16-bit threshold rounds to
-        # 2^16): the LoRA term and the gradients of A and B are zero, as torch's dropout(p=1)
-        # gives. Served here, once, so no kernel divides by 1 - p = 0.
-        p, scaling = 0.0, 0.0
-    seed = draw_seed(x.device) if p > 0.0 else None
+    dense = weight.contiguous() if isinstance(weight, Tensor) else None
+    base = as_base_weight(dense if dense is not None else weight)
+    name = resolve(backend, x.device, x.dtype, base.format)
+    spec = effective_dropout(dropout_p, scaling, training)
+    if spec.dropout_p > 0.0:
+        if seed is not None:
+            check_seed(seed, x)
+        else:
+            seed = draw_seed(x.device)
+    else:
+        seed = None
     bias = bias.contiguous() if bias is not None else None
-    args = (x, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, name)
+    lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
     if torch.compiler.is_compiling():  # torch.compile / torch.export trace the custom op
-        return lora_linear_op(*args)[0]
-    return _EagerLoRALinear.apply(*args)
+        base_tensors, base_meta = base.flatten()
+        return lora_linear_op(x, base_tensors, base.format, base_meta, bias, lora_A, lora_B, spec.scaling,
+                              spec.dropout_p, seed, name)[0]
+    return _EagerLoRALinear.apply(x, dense, bias, lora_A, lora_B, base, spec, seed, name)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lora_kernels.base_weights import BaseWeight
 from lora_kernels.dropout import dropout_multiplier
 
 
@@ -23,7 +24,7 @@ def _seed_int(seed: Optional[torch.Tensor]) -> int:
 
 def lora_linear_eager(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BaseWeight,
     bias: Optional[torch.Tensor],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -34,8 +35,10 @@ def lora_linear_eager(
     """The oracle, differentiable by plain autograd: x (..., K) -> y (..., N).
 
     ``y = x·weightᵀ + bias + scaling·(D ⊙ x)·lora_Aᵀ·lora_Bᵀ`` with D from the dropout rule
-    when ``dropout_p > 0`` (then `seed` is required).
+    when ``dropout_p > 0`` (then `seed` is required). A `BaseWeight` counts as its dense W₀.
     """
+    if isinstance(weight, BaseWeight):
+        weight = weight.dense()
     x_lora = x
     if dropout_p > 0.0:
         k = x.shape[-1]
@@ -43,38 +46,3 @@ def lora_linear_eager(
         d = dropout_multiplier(_seed_int(seed), m, k, dropout_p, x.dtype, x.device)
         x_lora = x * d.reshape(x.shape)
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
-
-
-# --- the `reference` backend: the fused op's forward/backward written as plain PyTorch ---------
-
-
-def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """x2d (M, K) -> (y (M, N), xa (M, r)); xa = dropout(x)·Aᵀ is what backward needs."""
-    x_lora = x2d
-    if seed is not None:
-        m, k = x2d.shape
-        x_lora = x2d * dropout_multiplier(_seed_int(seed), m, k, dropout_p, x2d.dtype, x2d.device)
-    xa = x_lora @ lora_A.t()
-    y = F.linear(x2d, weight, bias) + scaling * (xa @ lora_B.t())
-    return y, xa
-
-
-def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx):
-    """docs/design.md §1 gradients: (dx (M, K) or None, dA (r, K), dB (N, r)); the mask is regenerated."""
-    # g and the rank-r products in fp32 for fp16/bf16, as the kernels do: a g rounded to 16 bits
-    # loses dA to cancellation when dropout scales x up.
-    acc = torch.promote_types(dy.dtype, torch.float32)
-    g = dy.to(acc) @ lora_B.to(acc)  # (M, r)
-    d = None
-    if seed is not None:
-        m, k = x2d.shape
-        d = dropout_multiplier(_seed_int(seed), m, k, dropout_p, acc, x2d.device)
-    x_lora = x2d.to(acc) if d is None else x2d.to(acc) * d
-    grad_a = (scaling * (g.t() @ x_lora)).to(x2d.dtype)
-    grad_b = (scaling * (dy.to(acc).t() @ xa.to(acc))).to(x2d.dtype)
-    grad_x = None
-    if compute_dx:
-        lora_term = scaling * (g @ lora_A.to(acc))
-        grad_x = (dy @ weight).to(acc) + (lora_term if d is None else lora_term * d)
-        grad_x = grad_x.to(x2d.dtype)
-    return grad_x, grad_a, grad_b

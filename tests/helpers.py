@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared test helpers: input factories, the oracle's forward + gradients, and a verbose allclose."""
+"""Shared test helpers: input factories, the oracle's forward + gradients, a verbose allclose, and
+flat-argument calls of a backend's contract functions."""
 
 from __future__ import annotations
 
 import torch
 
+from lora_kernels.base_weights import as_base_weight
+from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
 from lora_kernels.reference import lora_linear_eager
 
 # (atol, rtol) per dtype for outputs and gradients of O(1)-scaled inputs with K, N <= ~300;
@@ -81,3 +84,15 @@ def assert_close(actual, expected, dtype, name, baseline=None):
             f"worst at {idx}: {actual[idx].item()} vs {expected[idx].item()}; "
             f"NaN in actual: {bool(actual.isnan().any())}"
         )
+
+
+def flat_forward(backend, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, **kwargs):
+    """A backend's `forward` (module or registry entry) from flat arguments: -> (y, xa)."""
+    weights = LoRAWeights(as_base_weight(weight), bias, lora_A, lora_B)
+    return backend.forward(x2d, weights, LoRASpec(scaling, dropout_p), seed, **kwargs)
+
+
+def flat_backward(backend, dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, **kwargs):
+    """A backend's `backward` from flat arguments: -> LoRAGrads(x, lora_A, lora_B)."""
+    weights = LoRAWeights(as_base_weight(weight), None, lora_A, lora_B)
+    return LoRAGrads(*backend.backward(dy, x2d, weights, xa, LoRASpec(scaling, dropout_p), seed, compute_dx, **kwargs))

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import _extension, reference
+from lora_kernels import _extension
 from lora_kernels import dropout as dropout_rule
-from helpers import assert_close, eager_same_dtype, make_inputs, oracle
+from lora_kernels.backends import reference as reference_backend
+from helpers import assert_close, eager_same_dtype, flat_backward, flat_forward, make_inputs, oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 0x0123456789ABCDEF, 2**62 - 1]
@@ -113,8 +114,8 @@ def _check_against_oracle(ops, M, K, N, r, dtype, p, bias=True, layout="contiguo
     y, xa, gx, gA, gB = _run_pair(ops, x, w, b, A, B, scaling, p, seed_t, grad_y, compute_dx)
     y_ref, (gx_ref, gA_ref, gB_ref) = oracle(x, w, b, A, B, scaling, p, seed_t, grad_y)
     y_e, (gx_e, gA_e, gB_e) = eager_same_dtype(x, w, b, A, B, scaling, p, seed_t, grad_y)
-    _, xa_ref = reference.forward(x.double(), w.double(), None, A.double(), B.double(), scaling, p, seed_t)
-    _, xa_e = reference.forward(x, w, None, A, B, scaling, p, seed_t)
+    _, xa_ref = flat_forward(reference_backend, x.double(), w.double(), None, A.double(), B.double(), scaling, p, seed_t)
+    _, xa_e = flat_forward(reference_backend, x, w, None, A, B, scaling, p, seed_t)
     for t in (y, xa, gA, gB):
         assert t.dtype == dtype
     assert_close(y, y_ref, dtype, "y", y_e)
@@ -369,8 +370,8 @@ def test_gpu_large_shapes(M, K, N, r, dtype):
     y, xa = ops.fused_forward(x, w, b, A, B, 2.0, 0.1, seed)
     dx, dA, dB = ops.fused_backward(grad_y, x, w, A, B, xa, 2.0, 0.1, seed, True)
     ref = _reference_fp32(x, w, b, A, B, 2.0, 0.1, seed, grad_y)
-    eager_y, eager_xa = reference.forward(x, w, b, A, B, 2.0, 0.1, seed)
-    eager = (eager_y, eager_xa) + tuple(reference.backward(grad_y, x, w, A, B, eager_xa, 2.0, 0.1, seed, True))
+    eager_y, eager_xa = flat_forward(reference_backend, x, w, b, A, B, 2.0, 0.1, seed)
+    eager = (eager_y, eager_xa) + tuple(flat_backward(reference_backend, grad_y, x, w, A, B, eager_xa, 2.0, 0.1, seed, True))
     for name, got, want, base in zip(("y", "xa", "grad_x", "grad_A", "grad_B"), (y, xa, dx, dA, dB), ref, eager):
         _relative_check(got, want, base, name)
 
@@ -448,15 +449,15 @@ def test_gpu_keep_mask_bit_identical(seed, rows, cols, p):
 @requires_gpu_backend
 @pytest.mark.parametrize("M,K", [(21, 37), (64, 64)])
 def test_gpu_forward_mask_matches_mirror_and_triton(M, K):
-    from lora_kernels import compiled
+    from lora_kernels.backends import compiled
 
     seed = 2**40 + 9
-    got = _mask_via_forward(compiled.forward, M, K, 0.5, seed, "cuda").cpu()
+    got = _mask_via_forward(lambda *a: flat_forward(compiled, *a), M, K, 0.5, seed, "cuda").cpu()
     assert torch.equal(got, dropout_rule.dropout_keep_mask(seed, M, K, 0.5))
     if "triton" in lora_kernels.available_backends("cuda"):
         import lora_kernels.backends.triton as triton_backend
 
-        assert torch.equal(got, _mask_via_forward(triton_backend.forward, M, K, 0.5, seed, "cuda").cpu())
+        assert torch.equal(got, _mask_via_forward(lambda *a: flat_forward(triton_backend, *a), M, K, 0.5, seed, "cuda").cpu())
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 import lora_kernels
 from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 from lora_kernels.reference import lora_linear_eager
-from helpers import make_inputs
+from helpers import flat_backward, flat_forward, make_inputs
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
 
@@ -109,10 +109,10 @@ def nan_case(layout, dtype, p=0.5, m=9, r=4, n=8):
 
 
 def backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p, scaling=0.5):
-    impl = lora_kernels.backends.BACKENDS[backend].impl()
-    y, xa = impl.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    impl = lora_kernels.backends.BACKENDS[backend]
+    y, xa = flat_forward(impl, x, weight, bias, lora_A, lora_B, scaling, p, seed)
     grad_y = torch.ones_like(y)
-    grad_x, grad_a, grad_b = impl.backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, True)
+    grad_x, grad_a, grad_b = flat_backward(impl, grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, True)
     return {"xa": xa, "grad_x": grad_x, "grad_A": grad_a, "grad_B": grad_b}
 
 

@@ -54,7 +54,9 @@ with _interpreter_env():
             importlib.reload(sys.modules[f"lora_kernels.backends.triton.{_name}"])
         importlib.reload(sys.modules["lora_kernels.backends.triton"])
     import lora_kernels.backends.triton as triton_backend
+    from lora_kernels.backends.triton import bwd as _bwd  # noqa: F401  (triton_backend.bwd / .fwd below)
     from lora_kernels.backends.triton import configs
+    from lora_kernels.backends.triton import fwd as _fwd  # noqa: F401
     from lora_kernels.backends.triton.dropout import _dropout_keep, _philox4x32
 
     @triton.jit
@@ -84,9 +86,9 @@ with _interpreter_env():
 
 import lora_kernels  # noqa: E402
 from lora_kernels import dropout as dropout_rule  # noqa: E402
-from lora_kernels import reference  # noqa: E402
+from lora_kernels.backends import reference as reference_backend  # noqa: E402
 from lora_kernels.backends import resolve  # noqa: E402
-from tests.helpers import assert_close, make_inputs, oracle  # noqa: E402
+from tests.helpers import assert_close, flat_backward, flat_forward, make_inputs, oracle  # noqa: E402
 
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bf16 tl.dot / large shapes)")
@@ -187,9 +189,9 @@ def test_zero_rows():
     assert grads[0].shape == (0, 37) and not grads[1].any() and not grads[2].any()
     # the backend itself also accepts M = 0 (ops.py does not call it then, others might)
     x2d = torch.zeros(0, 37, device=DEVICE)
-    y2d, xa = triton_backend.forward(x2d, weight, bias, lora_A.detach(), lora_B.detach(), 0.5, 0.0, None)
+    y2d, xa = flat_forward(triton_backend, x2d, weight, bias, lora_A.detach(), lora_B.detach(), 0.5, 0.0, None)
     assert y2d.shape == (0, 45) and xa.shape == (0, 3)
-    dx, da, db = triton_backend.backward(
+    dx, da, db = flat_backward(triton_backend,
         torch.zeros(0, 45, device=DEVICE), x2d, weight, lora_A.detach(), lora_B.detach(), xa, 0.5, 0.0, None, True
     )
     assert dx.shape == (0, 37) and not da.any() and not db.any()
@@ -209,21 +211,21 @@ def _direct_inputs(m=40, k=37, n=45, r=3, dtype=torch.float32):
 def test_interface_matches_reference_backend(p):
     x, weight, bias, lora_A, lora_B, dy, seed = _direct_inputs()
     seed = seed if p > 0 else None
-    y_ref, xa_ref = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(),
+    y_ref, xa_ref = flat_forward(reference_backend, x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(),
                                       0.5, p, seed)
-    ref_grads = reference.backward(dy.double(), x.double(), weight.double(), lora_A.double(), lora_B.double(),
+    ref_grads = flat_backward(reference_backend, dy.double(), x.double(), weight.double(), lora_A.double(), lora_B.double(),
                                    xa_ref, 0.5, p, seed, True)
     for schedule in ("F1", "F2"):
-        y, xa = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
+        y, xa = flat_forward(triton_backend, x, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
         assert y.dtype == xa.dtype == x.dtype and xa.shape == (40, 3)
         assert_close(y, y_ref, torch.float32, f"y ({schedule})")
         assert_close(xa, xa_ref, torch.float32, f"xa ({schedule})")
     for deterministic in (True, False):
-        grads = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, p, seed, True,
+        grads = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, p, seed, True,
                                         deterministic=deterministic)
         for name, got, want in zip(("dx", "dA", "dB"), grads, ref_grads):
             assert_close(got, want, torch.float32, f"{name} (deterministic={deterministic})")
-        dx, da, db = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, p, seed, False,
+        dx, da, db = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, p, seed, False,
                                              deterministic=deterministic)
         assert dx is None
         assert_close(da, ref_grads[1], torch.float32, "dA without dx")
@@ -232,9 +234,9 @@ def test_interface_matches_reference_backend(p):
 
 def test_deterministic_backward_is_bitwise_reproducible():
     x, weight, _, lora_A, lora_B, dy, seed = _direct_inputs(m=70)
-    _, xa = triton_backend.forward(x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
-    first = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
-    second = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
+    _, xa = flat_forward(triton_backend, x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
+    first = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
+    second = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -248,7 +250,7 @@ def test_schedule_switches():
         configs.resolve_schedule("F3", 1)
     with pytest.raises(ValueError, match="schedule"):
         x, weight, bias, lora_A, lora_B, _, _ = _direct_inputs()
-        triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, schedule="fast")
+        flat_forward(triton_backend, x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, schedule="fast")
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
@@ -315,11 +317,11 @@ def test_dropout_mask_bit_identical(k, p, schedule):
         seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
         keep = dropout_rule.dropout_keep_mask(seed_value, m, k, p).to(DEVICE)
         scale = 1.0 / (1.0 - p)
-        y, xa = triton_backend.forward(x, weight, None, eye, eye, 1.0, p, seed, schedule=schedule)
+        y, xa = flat_forward(triton_backend, x, weight, None, eye, eye, 1.0, p, seed, schedule=schedule)
         assert torch.equal(y != 0, keep), f"forward mask differs, seed={seed_value:#x}"
         assert torch.equal(y, torch.where(keep, x * scale, 0.0)), f"seed={seed_value:#x}"
         assert torch.equal(xa, y)
-        dx, _, _ = triton_backend.backward(dy, x, weight, eye, eye, xa, 1.0, p, seed, True)
+        dx, _, _ = flat_backward(triton_backend, dy, x, weight, eye, eye, xa, 1.0, p, seed, True)
         assert torch.equal(dx, torch.where(keep, dy * scale, 0.0)), f"backward mask differs, seed={seed_value:#x}"
 
 
@@ -390,7 +392,7 @@ def test_dropout_rate():
     x, weight = torch.ones(m, k, device=DEVICE), torch.zeros(k, k, device=DEVICE)
     eye = torch.eye(k, device=DEVICE)
     seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
-    y, _ = triton_backend.forward(x, weight, None, eye, eye, 1.0, p, seed)
+    y, _ = flat_forward(triton_backend, x, weight, None, eye, eye, 1.0, p, seed)
     rate = (y != 0).double().mean().item()
     assert abs(rate - (1 - p)) < 0.03
 
@@ -435,15 +437,15 @@ def test_large_bf16(m, k, n, schedule, p):
     lora_B = torch.randn(n, r, device=DEVICE, dtype=torch.bfloat16) * r**-0.5
     dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
     seed = dropout_rule.draw_seed(DEVICE) if p > 0 else None
-    y, xa = triton_backend.forward(x, weight, bias, lora_A, lora_B, s, p, seed, schedule=schedule)
-    grads = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, s, p, seed, True)
+    y, xa = flat_forward(triton_backend, x, weight, bias, lora_A, lora_B, s, p, seed, schedule=schedule)
+    grads = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, s, p, seed, True)
     f32 = [t.float() for t in (x, weight, bias, lora_A, lora_B)]
-    y32, xa32 = reference.forward(*f32, s, p, seed)
-    y16, xa16 = reference.forward(x, weight, bias, lora_A, lora_B, s, p, seed)
+    y32, xa32 = flat_forward(reference_backend, *f32, s, p, seed)
+    y16, xa16 = flat_forward(reference_backend, x, weight, bias, lora_A, lora_B, s, p, seed)
     _error_ratio_check(y, y16, y32, "y")
     _error_ratio_check(xa, xa16, xa32, "xa")
-    g32 = reference.backward(dy.float(), f32[0], f32[1], f32[3], f32[4], xa32, s, p, seed, True)
-    g16 = reference.backward(dy, x, weight, lora_A, lora_B, xa16, s, p, seed, True)
+    g32 = flat_backward(reference_backend, dy.float(), f32[0], f32[1], f32[3], f32[4], xa32, s, p, seed, True)
+    g16 = flat_backward(reference_backend, dy, x, weight, lora_A, lora_B, xa16, s, p, seed, True)
     for name, got, same, want in zip(("dx", "dA", "dB"), grads, g16, g32):
         _error_ratio_check(got, same, want, name)
 
@@ -464,9 +466,9 @@ def test_64bit_offsets(schedule):
     lora_A = torch.randn(r, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
     lora_B = torch.randn(n, r, device=DEVICE, dtype=torch.bfloat16) * r**-0.5
     seed = torch.tensor([0x7FFF_FFFF_0000_1234], dtype=torch.int64, device=DEVICE)
-    y, xa = triton_backend.forward(x, weight, None, lora_A, lora_B, s, p, seed, schedule=schedule)
+    y, xa = flat_forward(triton_backend, x, weight, None, lora_A, lora_B, s, p, seed, schedule=schedule)
     dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
-    dx, _, _ = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, s, p, seed, True)
+    dx, _, _ = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, s, p, seed, True)
     rows = torch.arange(m - 64, m, device=DEVICE)  # flat indices > 2**31
     flat = rows[:, None].long() * k + torch.arange(k, device=DEVICE)[None, :]
     d = _mirror_keep(int(seed.item()), flat, p).float() / (1 - p)
@@ -493,10 +495,10 @@ def test_grad_a_keeps_g_in_fp32():
     lora_A = torch.randn(1, k, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     lora_B = torch.tensor([[1.0], [1e-3]], dtype=dtype, device=DEVICE)
     dy = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=dtype, device=DEVICE)  # g = (1, 1 + 1e-3)
-    _, xa = triton_backend.forward(x, weight, None, lora_A, lora_B, 1.0, 0.0, None)
-    _, da, _ = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 0.0, None, True)
+    _, xa = flat_forward(triton_backend, x, weight, None, lora_A, lora_B, 1.0, 0.0, None)
+    _, da, _ = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 1.0, 0.0, None, True)
     d64 = [t.double() for t in (dy, x, weight, lora_A, lora_B, xa)]
-    _, da_ref, _ = reference.backward(*d64, 1.0, 0.0, None, True)
+    _, da_ref, _ = flat_backward(reference_backend, *d64, 1.0, 0.0, None, True)
     rel = ((da.double() - da_ref).abs().max() / da_ref.abs().max()).item()
     assert rel < 1e-3, f"dA relative error {rel:.2e}: g was rounded to fp16"
 
@@ -511,13 +513,13 @@ def test_dropout_propagates_nan_like_torch(schedule):
     row, col = [int(i) for i in (~keep).nonzero()[0]]
     x = x.clone()
     x[row, col] = float("nan")
-    y, xa = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
-    y_ref, xa_ref = reference.forward(x, weight, bias, lora_A, lora_B, 0.5, p, seed)
+    y, xa = flat_forward(triton_backend, x, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
+    y_ref, xa_ref = flat_forward(reference_backend, x, weight, bias, lora_A, lora_B, 0.5, p, seed)
     assert torch.equal(y.isnan(), y_ref.isnan()) and y[row].isnan().all()
     assert torch.equal(xa.isnan(), xa_ref.isnan())
     x_clean = x.nan_to_num(0.0)
-    _, xa_clean = triton_backend.forward(x_clean, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
-    _, da, _ = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa_clean, 0.5, p, seed, True)
+    _, xa_clean = flat_forward(triton_backend, x_clean, weight, bias, lora_A, lora_B, 0.5, p, seed, schedule=schedule)
+    _, da, _ = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa_clean, 0.5, p, seed, True)
     assert da[:, col].isnan().all()  # dA = s·gᵀ·(D⊙x): the NaN column survives D = 0
 
 
@@ -525,18 +527,18 @@ def test_deterministic_backward_never_autotunes(monkeypatch):
     """Deterministic mode launches the pinned dX config itself: the autotuner (whose best_config is
     shared mutable state, and whose choice varies by process) is never called."""
     x, weight, _, lora_A, lora_B, dy, seed = _direct_inputs(m=70)
-    _, xa = triton_backend.forward(x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
+    _, xa = flat_forward(triton_backend, x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the dX autotuner ran in deterministic mode")
 
     monkeypatch.setattr(triton_backend.bwd._lora_bwd_dx_kernel, "run", refuse)
-    first = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
-    second = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
+    first = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
+    second = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     with pytest.raises(AssertionError, match="autotuner ran"):
-        triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=False)
+        flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=False)
 
 
 @pytest.mark.parametrize("m", [1, 70, 300])
@@ -551,10 +553,10 @@ def test_backward_persistent_rows_and_chunks(m, monkeypatch):
     assert plan.g_chunks == 2 and plan.chunk_n == 32  # 45 columns: a 32-column chunk and a 13-column one
     if m > 64:
         assert plan.db_partials == 2 and plan.da_partials == 2
-    _, xa = triton_backend.forward(x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
-    want = reference.backward(*(t.double() for t in (dy, x, weight, lora_A, lora_B, xa)), 0.5, 0.1, seed, True)
+    _, xa = flat_forward(triton_backend, x, weight, None, lora_A, lora_B, 0.5, 0.1, seed)
+    want = flat_backward(reference_backend, *(t.double() for t in (dy, x, weight, lora_A, lora_B, xa)), 0.5, 0.1, seed, True)
     for det in (True, False):
-        got = triton_backend.backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=det)
+        got = flat_backward(triton_backend, dy, x, weight, lora_A, lora_B, xa, 0.5, 0.1, seed, True, deterministic=det)
         for name, g, w in zip(("dx", "dA", "dB"), got, want):
             assert_close(g, w, torch.float32, f"{name} det={det}")
 

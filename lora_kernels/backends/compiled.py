@@ -1,45 +1,56 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The `cpu` and `cuda` backends: thin calls into the C++/CUDA ops of `lora_kernels._C`
-(schemas in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda, picked by the tensors' device)."""
+"""What the `cpu` and `cuda` backends share: thin calls into the C++/CUDA ops of `lora_kernels._C`
+(schemas in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda, picked by the tensors' device).
+
+A dense base is fused into the ops (their base GEMM reads the LoRA term in its epilogue); any other
+format is given no weight, so the ops compute the LoRA terms alone, and the format's own products
+(`BaseWeight.matmul_into` / `grad_input_into`) add the base terms."""
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
+from lora_kernels import _extension
+from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
 
-def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+# The compiled kernels: every float dtype (fp16/bf16 accumulate in fp32, fp64 in fp64).
+COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def availability(device_type: str) -> Callable[[torch.device], Optional[str]]:
+    """Why lora_kernels._C cannot serve `device_type` tensors here, or None."""
+
+    def reason(device: torch.device) -> Optional[str]:
+        if _extension.load_error() is not None:
+            return _extension.load_error()
+        if not _extension.has_kernel(device_type):
+            return f"lora_kernels._C was built without {device_type} kernels"
+        return None
+
+    return reason
+
+
+def forward(x2d, weights: LoRAWeights, spec: LoRASpec, seed):
     """x2d (M, K) -> (y (M, N), xa (M, r)) by the fused C++/CUDA forward."""
-    return torch.ops.lora_kernels.fused_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-
-
-def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx):
-    """(dx (M, K) or None, dA (r, K), dB (N, r)) by the fused C++/CUDA backward."""
-    grad_x, grad_a, grad_b = torch.ops.lora_kernels.fused_backward(
-        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx
+    dense = weights.dense_weight
+    y, xa = torch.ops.lora_kernels.fused_forward(
+        x2d, dense, weights.bias, weights.lora_A, weights.lora_B, spec.scaling, spec.dropout_p, seed
     )
-    return (grad_x if compute_dx else None), grad_a, grad_b
+    if dense is None:
+        weights.base.matmul_into(y, x2d)
+    return y, xa
 
 
-# Fake (meta) kernels, so torch.compile and opcheck can trace the compiled ops by shape alone.
-# Registered on import, which `lora_kernels._extension` does right after loading `_C`.
-
-
-@torch.library.register_fake("lora_kernels::fused_forward")
-def _fused_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
-
-
-@torch.library.register_fake("lora_kernels::fused_backward")
-def _fused_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x):
-    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
-    return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
-
-
-@torch.library.register_fake("lora_kernels::dropout_keep_mask")
-def _dropout_keep_mask_fake(seed, rows, cols, dropout_p):
-    return seed.new_empty(rows, cols, dtype=torch.bool)
-
-
-@torch.library.register_fake("lora_kernels::dropout_keep_bits")
-def _dropout_keep_bits_fake(seed, first_group, count, dropout_p):
-    return seed.new_empty(count, dtype=torch.uint8)
+def backward(dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx) -> LoRAGrads:
+    """LoRAGrads(dx (M, K) or None, dA (r, K), dB (N, r)) by the fused C++/CUDA backward."""
+    dense = weights.dense_weight
+    grad_x, grad_a, grad_b = torch.ops.lora_kernels.fused_backward(
+        dy, x2d, dense, weights.lora_A, weights.lora_B, xa, spec.scaling, spec.dropout_p, seed, compute_dx
+    )
+    if not compute_dx:
+        return LoRAGrads(None, grad_a, grad_b)
+    if dense is None:
+        weights.base.grad_input_into(grad_x, dy)
+    return LoRAGrads(grad_x, grad_a, grad_b)

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The `triton` backend: fused LoRA forward/backward as Triton kernels (GPU; CPU tensors under
-TRITON_INTERPRET=1). Implements the backend interface of `lora_kernels.backends`.
+TRITON_INTERPRET=1). Implements the backend contract of `lora_kernels.contract`; the kernels
+(and triton itself) are imported on first use.
 
 Kernels by direction live in `fwd.py` / `bwd.py`, the dropout generator in `dropout.py`,
 autotune configs, shared-memory models and the schedule/determinism switches in `configs.py`,
@@ -14,22 +15,56 @@ the static report (compile for sm80/86/90 without a GPU) in `compile_check.py`:
 
 from __future__ import annotations
 
-from lora_kernels.backends.triton.bwd import lora_backward
-from lora_kernels.backends.triton.fwd import lora_forward
+import importlib
+import os
+from typing import Optional
 
-__all__ = ["forward", "backward"]
+import torch
+
+from lora_kernels.backends.registry import Backend, register
+from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
+
+__all__ = ["forward", "backward", "BACKEND"]
+
+# The kernels accumulate in fp32 and use tensor-core dots: fp64 is left to the others.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, schedule=None):
-    """x2d (M, K) any strides; weight (N, K); bias (N,) or None; lora_A (r, K); lora_B (N, r) ->
-    (y (M, N), xa (M, r)) in x's dtype. Dropout on iff `seed` (int64 (1,) on x's device) is given.
-    schedule: "auto" | "F1" | "F2" | None (env LORA_KERNELS_TRITON_SCHEDULE)."""
-    return lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, schedule=schedule)
+def _availability(device: torch.device) -> Optional[str]:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "it runs on cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got cpu"
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not importable: {exc}"
+    return None
 
 
-def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, *, deterministic=None):
-    """dy (M, N) contiguous -> (dx (M, K) or None, dA (r, K), dB (N, r)) per docs/design.md §1.
-    deterministic: True | False | None (env LORA_KERNELS_TRITON_DETERMINISTIC, default True)."""
-    return lora_backward(
-        dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, deterministic=deterministic
+BACKEND = register(
+    Backend(
+        name="triton",
+        module=__name__,
+        device_types=("cuda", "cpu"),
+        dtypes=TRITON_DTYPES,
+        base_formats=("dense",),  # W₀ is read inside the GEMM main loop
+        availability=_availability,
     )
+)
+
+
+def forward(x2d, weights: LoRAWeights, spec: LoRASpec, seed, *, schedule=None):
+    """x2d (M, K) any strides -> (y (M, N), xa (M, r)) in x's dtype; see `lora_kernels.contract`.
+    schedule: "auto" | "F1" | "F2" | None (env LORA_KERNELS_TRITON_SCHEDULE)."""
+    from lora_kernels.backends.triton.fwd import lora_forward
+
+    return lora_forward(x2d, weights.dense_weight, weights.bias, weights.lora_A, weights.lora_B, spec.scaling,
+                        spec.dropout_p, seed, schedule=schedule)
+
+
+def backward(dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx, *, deterministic=None) -> LoRAGrads:
+    """dy (M, N) contiguous -> LoRAGrads(dx (M, K) or None, dA (r, K), dB (N, r)) per docs/design.md §1.
+    deterministic: True | False | None (env LORA_KERNELS_TRITON_DETERMINISTIC, default True)."""
+    from lora_kernels.backends.triton.bwd import lora_backward
+
+    return LoRAGrads(*lora_backward(dy, x2d, weights.dense_weight, weights.lora_A, weights.lora_B, xa, spec.scaling,
+                                    spec.dropout_p, seed, compute_dx, deterministic=deterministic))

@@ -1,0 +1,27 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fake (meta) kernels of the compiled ops, so torch.compile and opcheck can trace them by shape
+alone. Imported by `lora_kernels._extension` right after it loads `_C` (registering a fake needs the op).
+"""
+
+import torch
+
+
+@torch.library.register_fake("lora_kernels::fused_forward")
+def _fused_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.register_fake("lora_kernels::fused_backward")
+def _fused_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.register_fake("lora_kernels::dropout_keep_mask")
+def _dropout_keep_mask_fake(seed, rows, cols, dropout_p):
+    return seed.new_empty(rows, cols, dtype=torch.bool)
+
+
+@torch.library.register_fake("lora_kernels::dropout_keep_bits")
+def _dropout_keep_bits_fake(seed, first_group, count, dropout_p):
+    return seed.new_empty(count, dtype=torch.uint8)

@@ -1,0 +1,17 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The `cpu` backend: the CPU kernels of lora_kernels._C (csrc/cpu), called through
+`lora_kernels.backends.compiled`. Serves every base-weight format: a dense base inside the
+kernels, any other through the format's own products."""
+
+from lora_kernels.backends import compiled
+from lora_kernels.backends.registry import Backend, register
+
+BACKEND = register(
+    Backend(
+        name="cpu",
+        module=compiled.__name__,
+        device_types=("cpu",),
+        dtypes=compiled.COMPILED_DTYPES,
+        availability=compiled.availability("cpu"),
+    )
+)
