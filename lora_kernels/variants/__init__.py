@@ -1,0 +1,11 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA variants, one module each, in the `VARIANTS` registry (see `variants.base.Variant`):
+
+  lora.py  plain LoRA: the fused op
+  dora.py  DoRA (weight-decomposed LoRA, PEFT's `use_dora=True`)
+"""
+
+from lora_kernels.variants import lora  # noqa: F401  (registers itself)
+from lora_kernels.variants.base import VARIANTS, Variant, register_variant
+
+__all__ = ["VARIANTS", "Variant", "register_variant"]
