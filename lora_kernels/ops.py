@@ -161,8 +161,10 @@ def _op_backward(ctx, grad_y, grad_xa):
     )
     dense = base_tensors[0] if ctx.base_format == "dense" else None
     grad_w, grad_bias = _base_grads(grad_y, x, dense, needs_w, needs_b)
-    grad_base = [grad_w] + [None] * (len(base_tensors) - 1) if needs_w else None
-    return (grad_x if needs_x else None), grad_base, None, None, grad_bias, grad_a, grad_b, None, None, None, None
+    # list inputs take lists of gradients, one entry per element
+    grad_base = [grad_w] + [None] * (len(base_tensors) - 1)
+    grad_meta = [None] * len(ctx.base_meta)
+    return (grad_x if needs_x else None), grad_base, None, grad_meta, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)

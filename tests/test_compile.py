@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import lora_kernels
+from lora_kernels.base_weights import DenseWeight
+from lora_kernels.contract import LoRASpec
 from lora_kernels.ops import _EagerLoRALinear, lora_linear_backward_op, lora_linear_op
 from helpers import assert_close, make_inputs
 
@@ -16,7 +18,7 @@ BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
 def op_args(backend, p):
     x, weight, bias, lora_A, lora_B = make_inputs((3, 5), 12, 10, 4, torch.float32)
     seed = torch.tensor([42]) if p > 0 else None
-    return x, weight, bias, lora_A, lora_B, 0.5, p, seed, backend
+    return x, [weight], "dense", [], bias, lora_A, lora_B, 0.5, p, seed, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -28,10 +30,11 @@ def test_opcheck_lora_linear(backend, p):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compute_grad_x", [True, False])
 def test_opcheck_backward(backend, compute_grad_x):
-    x, weight, bias, lora_A, lora_B, s, p, seed, _ = op_args(backend, 0.3)
+    x, base, fmt, meta, bias, lora_A, lora_B, s, p, seed, _ = op_args(backend, 0.3)
     xa = torch.randn(15, 4)
     grad_y = torch.randn(3, 5, 10)
-    args = (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa, s, p, seed, backend, compute_grad_x)
+    args = (grad_y, x.detach(), base, fmt, meta, lora_A.detach(), lora_B.detach(), xa, s, p, seed, backend,
+            compute_grad_x)
     torch.library.opcheck(lora_linear_backward_op, args)
 
 
@@ -43,9 +46,9 @@ def test_custom_op_autograd_equals_eager(backend, p, lead):
     op. Both must give the same y and the same gradients, the base weight's and bias's included."""
     x, weight, bias, lora_A, lora_B = make_inputs(lead, 12, 10, 4, torch.float32)
     inputs = (x, weight.requires_grad_(), bias.requires_grad_(), lora_A, lora_B)
-    args = (0.5, p, torch.tensor([42]) if p > 0 else None, backend)
-    y_op = lora_linear_op(*inputs, *args)[0]
-    y_eager = _EagerLoRALinear.apply(*inputs, *args)
+    seed = torch.tensor([42]) if p > 0 else None
+    y_op = lora_linear_op(x, [weight], "dense", [], bias, lora_A, lora_B, 0.5, p, seed, backend)[0]
+    y_eager = _EagerLoRALinear.apply(*inputs, DenseWeight(weight), LoRASpec(0.5, p), seed, backend)
     assert torch.equal(y_op, y_eager)
     grad_y = torch.randn(y_op.shape)
     for got, want in zip(torch.autograd.grad(y_op, inputs, grad_y), torch.autograd.grad(y_eager, inputs, grad_y)):
