@@ -9,7 +9,7 @@ import torch
 import lora_kernels
 from lora_kernels.base_weights import DenseWeight
 from lora_kernels.contract import LoRASpec
-from lora_kernels.ops import _EagerLoRALinear, lora_linear_backward_op, lora_linear_op
+from lora_kernels.ops import EagerCall, _EagerLoRALinear, lora_linear_backward_op, lora_linear_op
 from helpers import assert_close, make_inputs
 
 BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
@@ -48,7 +48,7 @@ def test_custom_op_autograd_equals_eager(backend, p, lead):
     inputs = (x, weight.requires_grad_(), bias.requires_grad_(), lora_A, lora_B)
     seed = torch.tensor([42]) if p > 0 else None
     y_op = lora_linear_op(x, [weight], "dense", [], bias, lora_A, lora_B, 0.5, p, seed, backend)[0]
-    y_eager = _EagerLoRALinear.apply(*inputs, DenseWeight(weight), LoRASpec(0.5, p), seed, backend)
+    y_eager = _EagerLoRALinear.apply(*inputs, EagerCall(DenseWeight(weight), LoRASpec(0.5, p), seed, backend))
     assert torch.equal(y_op, y_eager)
     grad_y = torch.randn(y_op.shape)
     for got, want in zip(torch.autograd.grad(y_op, inputs, grad_y), torch.autograd.grad(y_eager, inputs, grad_y)):
