@@ -22,6 +22,7 @@ from lora_kernels.variants import VARIANTS
 # The backends that run on CPU tensors here as they are: triton only does so under its (slow)
 # interpreter, which `backend_context` sets up (tests/test_parity.py, tests/test_triton.py).
 CPU_BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
+needs_cpu_kernels = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="lora_kernels._C (cpu kernels) is not built")
 
 # (atol, rtol) per dtype for outputs and gradients of O(1)-scaled inputs with K, N <= ~300;
 # fp16/bf16 kernels accumulate in fp32, the oracle runs in fp64 (see `oracle`).
