@@ -14,7 +14,7 @@ import torch
 
 import lora_kernels
 from lora_kernels.backends import BACKENDS
-from lora_kernels.base_weights import BaseWeight, DenseWeight, as_base_weight
+from lora_kernels.base_weights import FORMATS, BaseWeight, DenseWeight, as_base_weight
 from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
 from lora_kernels.dropout import draw_seed
 from lora_kernels.variants import VARIANTS
@@ -23,6 +23,13 @@ from lora_kernels.variants import VARIANTS
 # interpreter, which `backend_context` sets up (tests/test_parity.py, tests/test_triton.py).
 CPU_BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
 needs_cpu_kernels = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="lora_kernels._C (cpu kernels) is not built")
+
+# Every registered backend × variant × base-weight format, for
+# @pytest.mark.parametrize("backend,variant,base_format", REGISTRY_CASES): what the parity and
+# memory suites run (a combination a backend cannot serve skips with its reasons, `skip_unless_served`).
+REGISTRY_CASES = [
+    pytest.param(b, v, f, id=f"{b}-{v}-{f}") for b in BACKENDS for v in VARIANTS for f in FORMATS
+]
 
 # (atol, rtol) per dtype for outputs and gradients of O(1)-scaled inputs with K, N <= ~300;
 # fp16/bf16 kernels accumulate in fp32, the oracle runs in fp64 (see `oracle`).
@@ -77,8 +84,6 @@ def make_base(base_format: str, weight: torch.Tensor) -> BaseWeight:
             pytest.skip(f"{base_format}: bitsandbytes 4-bit weights compute in float32, float16 or bfloat16, "
                         f"not {weight.dtype}")
         import bitsandbytes
-
-        from lora_kernels.base_weights import FORMATS
 
         options = BNB_4BIT[base_format]
         packed, state = bitsandbytes.functional.quantize_4bit(weight.float(), **options)

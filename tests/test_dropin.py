@@ -19,14 +19,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend):
     return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend=backend)
 
 
-@pytest.fixture(params=["eager", "custom_op"])
-def path(request, monkeypatch):
-    """The eager autograd.Function, or the custom op that lora_linear calls while torch.compile traces."""
-    if request.param == "custom_op":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    return request.param
-
-
 def plain_pytorch(x, weight, bias, lora_A, lora_B, scaling, p, backend):
     assert p == 0.0
     return lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling)

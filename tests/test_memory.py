@@ -26,11 +26,9 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from lora_kernels.backends import BACKENDS
-from lora_kernels.base_weights import FORMATS
 from lora_kernels.memory import SavedActivationMeter
 from lora_kernels.variants import VARIANTS
-from helpers import make_base, make_extra, make_inputs, skip_unless_served
+from helpers import REGISTRY_CASES, make_base, make_extra, make_inputs, skip_unless_served
 
 DTYPES = [torch.float32, torch.bfloat16]
 SEED_BYTES = 8  # the int64 (1,) dropout seed
@@ -46,14 +44,6 @@ PEAK_EXEMPT = {
     "reference": "the reference backend is plain PyTorch written for clarity: it materializes the "
     "dropout multiplier D (M×K) and fp32 copies by design; the bound is the kernels'",
 }
-
-
-@pytest.fixture(params=["eager", "custom_op"])
-def path(request, monkeypatch):
-    """The eager autograd.Function, or the custom op that lora_linear calls while torch.compile traces."""
-    if request.param == "custom_op":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -90,9 +80,7 @@ def saved_storages(call, params, p, training):
 
 @pytest.mark.parametrize("dropout", DROPOUT)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("base_format", FORMATS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,variant,base_format", REGISTRY_CASES)
 def test_saved_activations(backend, variant, base_format, dtype, dropout, path):
     x, _, params, call = layer(backend, variant, base_format, dtype, "tall")
     m, k, n, r = SHAPES["tall"]
@@ -134,9 +122,7 @@ def peak_bytes(fn):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("base_format", FORMATS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,variant,base_format", REGISTRY_CASES)
 def test_peak_memory_of_forward_and_backward(backend, variant, base_format, dtype, p, shape):
     """Forward and backward measured apart (a forward temporary would hide under backward's dX)."""
     if backend in PEAK_EXEMPT:

@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from lora_kernels.backends import BACKENDS
-from lora_kernels.base_weights import FORMATS
 from lora_kernels.dropout import dropout_keep_mask
-from lora_kernels.variants import VARIANTS
 from helpers import (
+    REGISTRY_CASES,
     backend_context,
     check_against_oracle,
     device_for,
@@ -61,9 +60,7 @@ def _dtype_id(dtype):
 @pytest.mark.parametrize("dropout", DROPOUT)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("base_format", FORMATS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,variant,base_format", REGISTRY_CASES)
 def test_matches_oracle(backend, variant, base_format, dtype, shape, dropout):
     device = device_for(backend)
     with backend_context(backend, device):
