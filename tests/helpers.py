@@ -98,7 +98,8 @@ def make_extra(variant: str, base: BaseWeight, lora_A, lora_B, scaling, seed=0) 
     """`variant`'s own parameters ({} for plain LoRA), initialised as the variant does and then
     perturbed by ±25 % (DoRA's initial magnitude makes c = 1, which would hide the (c - 1) term),
     in x's dtype, requiring grad."""
-    extra = VARIANTS[variant].init_extra(base.dense(), lora_A.detach(), lora_B.detach(), scaling)
+    extra = VARIANTS[variant].init_extra(weight=base.dense(), lora_A=lora_A.detach(), lora_B=lora_B.detach(),
+                                         scaling=scaling)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in extra.items():
@@ -140,6 +141,13 @@ def skip_unless_served(backend: str, device: torch.device, dtype=None, base_form
         pytest.skip(f"{backend}: " + "; ".join(reasons))
 
 
+def apply_variant(variant, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, extra):
+    """`variant`'s served form, called by keyword (a variant's own parameters may sit anywhere in
+    its signature): -> y (..., N)."""
+    return VARIANTS[variant].apply(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scaling=scaling,
+                                   dropout_p=dropout_p, training=training, backend=backend, **extra)
+
+
 # Dropout seeds of the harness: the op draws its own from torch's generator seeded with this.
 TORCH_SEED = 1234
 
@@ -156,7 +164,7 @@ def check_against_oracle(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0
     n = weight.shape[0]
     dtype = x.dtype
     torch.manual_seed(TORCH_SEED)
-    y = VARIANTS[variant].apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, **extra)
+    y = apply_variant(variant, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, extra)
     active_p = dropout_p if training else 0.0
     torch.manual_seed(TORCH_SEED)
     seed = draw_seed(x.device) if active_p > 0 else None
@@ -190,8 +198,8 @@ def _eager(dtype, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gra
     dense = weight.dense() if isinstance(weight, BaseWeight) else weight
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, lora_A, lora_B, *extra.values())]
     y = VARIANTS[variant].oracle(
-        leaves[0], dense.to(dtype), None if bias is None else bias.to(dtype), leaves[1], leaves[2],
-        scaling, dropout_p, seed, **dict(zip(extra, leaves[3:])),
+        x=leaves[0], weight=dense.to(dtype), bias=None if bias is None else bias.to(dtype), lora_A=leaves[1],
+        lora_B=leaves[2], scaling=scaling, dropout_p=dropout_p, seed=seed, **dict(zip(extra, leaves[3:])),
     )
     grads = torch.autograd.grad(y, leaves, grad_y.to(dtype)) if y.numel() else [torch.zeros_like(t) for t in leaves]
     return y.detach(), grads

@@ -27,8 +27,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from lora_kernels.memory import SavedActivationMeter
-from lora_kernels.variants import VARIANTS
-from helpers import REGISTRY_CASES, make_base, make_extra, make_inputs, skip_unless_served
+from helpers import REGISTRY_CASES, apply_variant, make_base, make_extra, make_inputs, skip_unless_served
 
 DTYPES = [torch.float32, torch.bfloat16]
 SEED_BYTES = 8  # the int64 (1,) dropout seed
@@ -66,7 +65,7 @@ def layer(backend, variant, base_format, dtype, shape):
     params = [weight, bias, lora_A, lora_B, *extra.values(), *base.flatten()[0]]
 
     def call(p, training):
-        return VARIANTS[variant].apply(x, base, bias, lora_A, lora_B, 0.5, p, training, backend, **extra)
+        return apply_variant(variant, x, base, bias, lora_A, lora_B, 0.5, p, training, backend, extra)
 
     return x, (x, lora_A, lora_B, *extra.values()), params, call
 
