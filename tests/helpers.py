@@ -153,7 +153,7 @@ TORCH_SEED = 1234
 
 
 def check_against_oracle(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend, variant="lora",
-                         extra=None, training=True, baseline=False, grad_y=None):
+                         extra=None, training=True, baseline=False):
     """The one oracle harness: `variant`'s served form (`VARIANTS[variant].apply`) on `backend`
     against its fp64 oracle — y and the gradients of x, lora_A, lora_B and the variant's `extra`
     params — with TOLERANCES[dtype]; `baseline`: a tensor outside them still passes within 2x the
@@ -169,9 +169,8 @@ def check_against_oracle(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0
     torch.manual_seed(TORCH_SEED)
     seed = draw_seed(x.device) if active_p > 0 else None
     assert y.dtype == dtype and tuple(y.shape) == (*x.shape[:-1], n), f"y is {y.dtype} {tuple(y.shape)}"
-    if grad_y is None:
-        g = torch.Generator().manual_seed(7)
-        grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).to(y.device)
+    g = torch.Generator().manual_seed(7)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).to(y.device)
     leaves = (x, lora_A, lora_B, *extra.values())
     names = ("grad_x", "grad_A", "grad_B", *(f"grad_{name}" for name in extra))
     grads = torch.autograd.grad(y, leaves, grad_y)
