@@ -22,3 +22,12 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["eager", "custom_op"])
+def path(request, monkeypatch):
+    """The eager autograd.Function, or the torch.library custom op that lora_linear calls while
+    torch.compile traces (both save for backward on their own: tests/test_dropin.py, test_memory.py)."""
+    if request.param == "custom_op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param

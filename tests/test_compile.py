@@ -10,9 +10,7 @@ import lora_kernels
 from lora_kernels.base_weights import DenseWeight
 from lora_kernels.contract import LoRASpec
 from lora_kernels.ops import EagerCall, _EagerLoRALinear, lora_linear_backward_op, lora_linear_op
-from helpers import assert_close, make_inputs
-
-BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]
+from helpers import CPU_BACKENDS, assert_close, make_inputs, needs_cpu_kernels
 
 
 def op_args(backend, p):
@@ -21,13 +19,13 @@ def op_args(backend, p):
     return x, [weight], "dense", [], bias, lora_A, lora_B, 0.5, p, seed, backend
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_opcheck_lora_linear(backend, p):
     torch.library.opcheck(lora_linear_op, op_args(backend, p))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("compute_grad_x", [True, False])
 def test_opcheck_backward(backend, compute_grad_x):
     x, base, fmt, meta, bias, lora_A, lora_B, s, p, seed, _ = op_args(backend, 0.3)
@@ -38,7 +36,7 @@ def test_opcheck_backward(backend, compute_grad_x):
     torch.library.opcheck(lora_linear_backward_op, args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("lead", [(3, 5), (0,)], ids=["3x5", "empty"])
 def test_custom_op_autograd_equals_eager(backend, p, lead):
@@ -55,7 +53,7 @@ def test_custom_op_autograd_equals_eager(backend, p, lead):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu kernels not built")
+@needs_cpu_kernels
 def test_opcheck_compiled_ops():
     x, weight, bias, lora_A, lora_B = make_inputs((7,), 12, 10, 4, torch.float32, requires_grad=False)
     seed = torch.tensor([5])
@@ -69,7 +67,7 @@ def test_opcheck_compiled_ops():
     torch.library.opcheck(torch.ops.lora_kernels.dropout_keep_bits.default, (seed, 2**32 - 3, 9, 0.3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph_forward_backward(backend, compiler):
     # Inductor draws random numbers its own way unless told to match eager; the seed comes from
@@ -102,7 +100,7 @@ def _check_compiled_matches_eager(backend, compiler):
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
 def test_export_captures_the_custom_op(strict):
-    layer = lora_kernels.LoRALinear(24, 16, r=4, alpha=8, backend=BACKENDS[-1])
+    layer = lora_kernels.LoRALinear(24, 16, r=4, alpha=8, backend=CPU_BACKENDS[-1])
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 6, 24)
     exported = torch.export.export(layer, (x,), strict=strict)

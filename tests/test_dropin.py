@@ -12,21 +12,11 @@ import torch
 import lora_kernels
 from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 from lora_kernels.reference import lora_linear_eager
-from helpers import flat_backward, flat_forward, make_inputs
-
-BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
+from helpers import CPU_BACKENDS, flat_backward, flat_forward, make_inputs, needs_cpu_kernels
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend):
     return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, backend=backend)
-
-
-@pytest.fixture(params=["eager", "custom_op"])
-def path(request, monkeypatch):
-    """The eager autograd.Function, or the custom op that lora_linear calls while torch.compile traces."""
-    if request.param == "custom_op":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    return request.param
 
 
 def plain_pytorch(x, weight, bias, lora_A, lora_B, scaling, p, backend):
@@ -37,7 +27,7 @@ def plain_pytorch(x, weight, bias, lora_A, lora_B, scaling, p, backend):
 # --- 1. in-place ops on the output -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2d", "3d"])
 def test_in_place_ops_on_the_output(backend, path, lead):
     x, weight, bias, lora_A, lora_B = make_inputs(lead, 16, 8, 4, torch.float64)
@@ -60,7 +50,7 @@ def test_in_place_ops_on_the_output(backend, path, lead):
 # --- 2. double backward -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("loss", ["square", "sum"])  # grad_y requires grad / only x, A, B do
 def test_double_backward_raises_a_clear_error(backend, path, p, loss):
@@ -72,7 +62,7 @@ def test_double_backward_raises_a_clear_error(backend, path, p, loss):
         torch.autograd.grad((grad_x.square().sum() + grad_a.square().sum()), (x, lora_A, lora_B), allow_unused=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_create_graph_first_order_gradients_are_right(backend, path):
     """create_graph=True alone (e.g. a penalty on other parameters) still gives the right first order."""
     x, weight, bias, lora_A, lora_B = make_inputs((6,), 16, 8, 4, torch.float64)
@@ -116,7 +106,7 @@ def backend_fwd_bwd(backend, x, weight, bias, lora_A, lora_B, seed, p, scaling=0
     return {"xa": xa, "grad_x": grad_x, "grad_A": grad_a, "grad_B": grad_b}
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", NAN_LAYOUTS)
 def test_nan_and_inf_in_dropped_x_propagate(backend, dtype, layout):
@@ -129,7 +119,7 @@ def test_nan_and_inf_in_dropped_x_propagate(backend, dtype, layout):
         assert torch.equal(got[name].isnan(), want[name].isnan()), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", NAN_LAYOUTS)
 def test_nan_in_g_times_A_at_dropped_positions_propagates_to_grad_x(backend, dtype, layout):
@@ -150,7 +140,7 @@ def test_nan_in_g_times_A_at_dropped_positions_propagates_to_grad_x(backend, dty
 # --- 4 and 8. p = 1, and p whose 16-bit threshold rounds to 2^16 ------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [1.0, 1 - 2**-17, 0.999995])  # every one drops every element
 def test_p_that_drops_everything_is_served_as_p_equal_1(backend, path, p):
     assert dropout_threshold(p) == DROP_ALL_THRESHOLD
@@ -169,15 +159,13 @@ def test_p_just_below_the_drop_all_threshold_still_keeps_elements():
     p = 1 - 2**-17 - 1e-9
     assert dropout_threshold(p) == DROP_ALL_THRESHOLD - 1
     x, weight, bias, lora_A, lora_B = make_inputs((4096,), 64, 8, 4, torch.float64, requires_grad=False)
-    xa = lora_A.new_zeros(0)
     seed = draw_seed("cpu")
     _, xa = flat_forward(lora_kernels.backends.BACKENDS["reference"], x, weight, bias, lora_A, lora_B, 1.0, p, seed)
     assert xa.abs().sum() > 0  # ~4 of the 262144 elements are kept
 
 
+@needs_cpu_kernels
 def test_kernels_reject_a_p_that_drops_everything():
-    if "cpu" not in BACKENDS:
-        pytest.skip("no cpu backend")
     x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, torch.float32, requires_grad=False)
     with pytest.raises(RuntimeError, match="drops every element"):
         torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, 1.0, 0.999995, draw_seed("cpu"))
@@ -186,7 +174,7 @@ def test_kernels_reject_a_p_that_drops_everything():
 # --- 5. scaling beyond the dtype's range --------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype,scaling", [(torch.float16, 1e5), (torch.bfloat16, 1e300), (torch.float32, -1e300)])
 def test_scaling_beyond_the_dtype_range_is_a_clear_error(backend, path, dtype, scaling):
     x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, dtype)
@@ -194,7 +182,7 @@ def test_scaling_beyond_the_dtype_range_is_a_clear_error(backend, path, dtype, s
         lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scaling_at_the_fp16_limit_is_served(backend):
     x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 8, 4, torch.float16)
     y = lora_linear(x, weight, bias, lora_A * 1e-3, lora_B * 1e-3, 65504.0, 0.0, backend)
@@ -204,7 +192,7 @@ def test_scaling_at_the_fp16_limit_is_served(backend):
 # --- 6. autocast around the call does not change the bits ---------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_autocast_does_not_change_the_bits(backend, path, p, dtype):
@@ -223,13 +211,12 @@ def test_autocast_does_not_change_the_bits(backend, path, p, dtype):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_compiled_cpu_ops_exclude_autocast(p, dtype):
     """The C++ ops called directly (no Python guard): their internal fp32 products must not be
     autocast on the calling thread."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("no cpu backend")
     x, weight, bias, lora_A, lora_B = make_inputs((200,), 96, 40, 8, dtype, requires_grad=False)
     seed = draw_seed("cpu") if p else None
     grad_y = torch.randn(200, 40).to(dtype)

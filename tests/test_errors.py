@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_kernels
-from helpers import make_inputs
+from helpers import make_inputs, needs_cpu_kernels
 
 
 def good(**overrides):
@@ -63,7 +63,7 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         call(backend="triton")
 
 
-@pytest.mark.skipif("cpu" not in lora_kernels.available_backends("cpu"), reason="cpu kernels not built")
+@needs_cpu_kernels
 def test_compiled_op_checks_its_own_inputs():
     # The C++ op is public through torch.ops: it checks shapes itself (TORCH_CHECK -> RuntimeError).
     args = good()
