@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The `cuda` backend: CUDA kernels of the lora_kernels ops (schemas in csrc/ops.cpp).
+// The `cuda` backend: CUDA kernels of the lora_kernels ops (schemas: csrc/schema.h).
 //
 //   fused_forward:  xa = dropout(x)·Aᵀ                       dropout_project.cu (x read once)
 //                   y  = bias + s·xa·Bᵀ                        lora_expand.cu (prefill)
