@@ -129,7 +129,7 @@ def load_emulation():
     sources = sorted(
         glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
         + glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))
-        + glob.glob(os.path.join(CSRC, "cuda", "emulation", "*")) + [os.path.join(CSRC, "dropout.h")]
+        + glob.glob(os.path.join(CSRC, "cuda", "emulation", "*")) + glob.glob(os.path.join(CSRC, "*.h"))
     )
     digest = hashlib.sha1()
     for path in sources:

@@ -54,15 +54,26 @@ def test_custom_op_autograd_equals_eager(backend, p, lead):
 
 
 @needs_cpu_kernels
-def test_opcheck_compiled_ops():
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_compiled_ops(with_weight, p):
     x, weight, bias, lora_A, lora_B = make_inputs((7,), 12, 10, 4, torch.float32, requires_grad=False)
-    seed = torch.tensor([5])
-    torch.library.opcheck(torch.ops.lora_kernels.fused_forward.default, (x, weight, bias, lora_A, lora_B, 0.5, 0.2, seed))
+    weight = weight if with_weight else None  # without: the LoRA terms only, N from lora_B
+    seed = torch.tensor([5]) if p > 0 else None
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.lora_kernels.fused_forward.default, (x, weight, b, lora_A, lora_B, 0.5, p, seed))
     xa = torch.randn(7, 4)
     grad_y = torch.randn(7, 10)
-    torch.library.opcheck(
-        torch.ops.lora_kernels.fused_backward.default, (grad_y, x, weight, lora_A, lora_B, xa, 0.5, 0.2, seed, True)
-    )
+    for compute_grad_x in (True, False):
+        torch.library.opcheck(
+            torch.ops.lora_kernels.fused_backward.default,
+            (grad_y, x, weight, lora_A, lora_B, xa, 0.5, p, seed, compute_grad_x),
+        )
+
+
+@needs_cpu_kernels
+def test_opcheck_dropout_ops():
+    seed = torch.tensor([5])
     torch.library.opcheck(torch.ops.lora_kernels.dropout_keep_mask.default, (seed, 5, 9, 0.3))
     torch.library.opcheck(torch.ops.lora_kernels.dropout_keep_bits.default, (seed, 2**32 - 3, 9, 0.3))
 

@@ -96,7 +96,13 @@ def _run_pair(ops, x, w, b, A, B, scaling, p, seed, grad_y, compute_dx=True):
     return y, xa, gx, gA, gB
 
 
-def _check_against_oracle(ops, M, K, N, r, dtype, p, bias=True, layout="contiguous", compute_dx=True, seed=1234):
+def check_ops_against_oracle(
+    ops, M, K, N, r, dtype, p, bias=True, layout="contiguous", compute_dx=True, seed=1234, with_weight=True
+):
+    """ops.fused_forward + ops.fused_backward (the compiled ops, or the emulated ones, on CPU tensors)
+    against the fp64 oracle, x laid out as `layout` says. with_weight=False calls them with weight
+    None: the expected values are then the full op's minus the base product (x·Wᵀ, dY·W), and the
+    same-dtype baseline the eager maths on a zero weight."""
     x, w, b, A, B = make_inputs((M,), K, N, r, dtype, bias=bias, requires_grad=False)
     if layout == "strided":  # every other column of a wider tensor: row stride 2K, column stride 2
         wide = torch.zeros(M, 2 * K, dtype=dtype)
@@ -111,9 +117,14 @@ def _check_against_oracle(ops, M, K, N, r, dtype, p, bias=True, layout="contiguo
     seed_t = torch.tensor([seed]) if p > 0 else None
     grad_y = torch.randn(M, N, dtype=torch.float64).to(dtype)
     scaling = 0.75
-    y, xa, gx, gA, gB = _run_pair(ops, x, w, b, A, B, scaling, p, seed_t, grad_y, compute_dx)
+    y, xa, gx, gA, gB = _run_pair(ops, x, w if with_weight else None, b, A, B, scaling, p, seed_t, grad_y, compute_dx)
     y_ref, (gx_ref, gA_ref, gB_ref) = oracle(x, w, b, A, B, scaling, p, seed_t, grad_y)
-    y_e, (gx_e, gA_e, gB_e) = eager_same_dtype(x, w, b, A, B, scaling, p, seed_t, grad_y)
+    y_e, (gx_e, gA_e, gB_e) = eager_same_dtype(
+        x, w if with_weight else torch.zeros_like(w), b, A, B, scaling, p, seed_t, grad_y
+    )
+    if not with_weight:
+        y_ref = y_ref - x.double() @ w.double().t()
+        gx_ref = gx_ref - grad_y.double() @ w.double()
     _, xa_ref = flat_forward(reference_backend, x.double(), w.double(), None, A.double(), B.double(), scaling, p, seed_t)
     _, xa_e = flat_forward(reference_backend, x, w, None, A, B, scaling, p, seed_t)
     for t in (y, xa, gA, gB):
@@ -164,7 +175,7 @@ def test_emulated_matches_oracle(emu, monkeypatch, case):
     M, K, N, r, dtype, p, bias, layout, env = case
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    _check_against_oracle(emu, M, K, N, r, dtype, p, bias=bias, layout=layout)
+    check_ops_against_oracle(emu, M, K, N, r, dtype, p, bias=bias, layout=layout)
 
 
 def test_emulated_cases_cover_every_path(emu, monkeypatch):
@@ -194,7 +205,47 @@ def test_emulated_cases_cover_every_path(emu, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_emulated_without_grad_x(emu, dtype):
-    _check_against_oracle(emu, 70, 48, 40, 8, dtype, 0.1, compute_dx=False)
+    check_ops_against_oracle(emu, 70, 48, 40, 8, dtype, 0.1, compute_dx=False)
+
+
+def check_base_is_a_separate_step(ops, M, K, N, r, dtype, p):
+    """The ops with a weight equal, bit for bit, the ops without one followed by the base product
+    as its own step, the in-place beta = 1 GEMM the kernels run (what a base_weights format adds):
+    y = y_lora.addmm_(x, Wᵀ), dX = dX_lora.addmm_(dY, W); xa, dA, dB do not depend on W."""
+    x, w, b, A, B = make_inputs((M,), K, N, r, dtype, requires_grad=False)
+    seed = torch.tensor([77]) if p > 0 else None
+    grad_y = torch.randn(M, N, dtype=torch.float64).to(dtype)
+    y, xa, gx, gA, gB = _run_pair(ops, x, w, b, A, B, 0.75, p, seed, grad_y)
+    y0, xa0, gx0, gA0, gB0 = _run_pair(ops, x, None, b, A, B, 0.75, p, seed, grad_y)
+    assert torch.equal(y, y0.clone().addmm_(x, w.t()))
+    assert torch.equal(gx, gx0.clone().addmm_(grad_y, w))
+    for name, got, want in (("xa", xa0, xa), ("grad_A", gA0, gA), ("grad_B", gB0, gB)):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_emulated_without_weight(emu, dtype, p):
+    check_ops_against_oracle(emu, 37, 37, 45, 3, dtype, p, with_weight=False)
+
+
+@pytest.mark.parametrize(
+    "M,K,N,r,dtype,p,bias,compute_dx",
+    [
+        (130, 40, 70, 80, torch.float16, 0.2, True, True),  # rank chunks: the unfused dX prefill
+        (70, 48, 40, 8, torch.float32, 0.1, False, False),  # no bias, no grad_x
+        (1, 1030, 70, 8, torch.bfloat16, 0.1, True, True),  # split-K projection
+    ],
+    ids=["r80-unfused-prefill", "nobias-nodx", "split-K"],
+)
+def test_emulated_without_weight_paths(emu, M, K, N, r, dtype, p, bias, compute_dx):
+    check_ops_against_oracle(emu, M, K, N, r, dtype, p, bias=bias, compute_dx=compute_dx, with_weight=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_emulated_base_is_a_separate_step(emu, dtype, p):
+    check_base_is_a_separate_step(emu, 37, 37, 45, 3, dtype, p)
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=hex)
@@ -261,13 +312,22 @@ def _bad_input_cases():
         edit("seed-dtype", lambda a: a.update(seed=a["seed"].float()), "seed must be int64"),
         edit("seed-shape", lambda a: a.update(seed=torch.tensor([1, 2])), r"seed must have shape \(1,\)"),
         edit("dropout_p", lambda a: a.update(p=1.0), r"dropout_p must be in \[0, 1\)"),
+        # Without a weight, N comes from lora_B and no check may speak of the weight.
+        edit("noweight-lora_B-1d", lambda a: a.update(weight=None, lora_B=a["lora_B"][:, 0]), r"lora_B must be 2-D \(N, r\)"),
+        edit("noweight-lora_B-rank", lambda a: a.update(weight=None, lora_B=a["lora_B"][:, :2]), r"lora_B must be \(N, r\)"),
+        edit("noweight-lora_B-N0", lambda a: a.update(weight=None, bias=None, lora_B=a["lora_B"][:0]), "with N >= 1"),
+        edit("noweight-bias-shape", lambda a: a.update(weight=None, bias=a["bias"][:3]), r"bias must be \(N,\) = \(8,\)"),
+        edit("noweight-x-K0", lambda a: a.update(weight=None, x=a["x"][:, :0], lora_A=a["lora_A"][:, :0]), "with K >= 1"),
+        edit("noweight-lora_A-dtype", lambda a: a.update(weight=None, lora_A=a["lora_A"].double()), "lora_A must have x's dtype"),
     ]
 
 
 @pytest.mark.parametrize("args,match", _bad_input_cases())
 def test_emulated_argument_checks(emu, args, match):
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(RuntimeError, match=match) as err:
         emu.fused_forward(args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], 1.0, args["p"], args["seed"])
+    if args["weight"] is None:
+        assert "weight" not in str(err.value)
 
 
 def test_emulated_backward_checks_grad_y(emu):
@@ -277,6 +337,9 @@ def test_emulated_backward_checks_grad_y(emu):
         emu.fused_backward(torch.zeros(8, 6).t(), x, w, A, B, xa, 1.0, 0.0, None, True)
     with pytest.raises(RuntimeError, match=r"xa must be \(M, r\)"):
         emu.fused_backward(torch.zeros(6, 8), x, w, A, B, xa[:, :2], 1.0, 0.0, None, True)
+    with pytest.raises(RuntimeError, match=r"grad_y must be \(M, N\) = \(6, 8\)") as err:  # N from lora_B
+        emu.fused_backward(torch.zeros(6, 7), x, None, A, B, xa, 1.0, 0.0, None, True)
+    assert "weight" not in str(err.value)
 
 
 # --- on a GPU -------------------------------------------------------------------------------------

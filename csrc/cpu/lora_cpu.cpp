@@ -61,20 +61,36 @@ void for_row_blocks_by_chunk(int64_t m_size, const Fn& fn) {
   });
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lora_kernels: ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "lora_kernels: the cpu kernels need CPU tensors, got ", name, " on ", t.device());
+}
+
+// Checks shared by forward and backward; returns N: the base weight's rows when there is one (as
+// before weight was optional), else lora_B's, which bias and grad_y are then checked against.
+int64_t check_common(const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B) {
   TORCH_CHECK(x.dim() == 2, "lora_kernels: x must be 2-D (M, K), got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "lora_kernels: weight must be (N, K=", x.size(1),
-              "), got ", weight.sizes());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(1) == x.size(1), "lora_kernels: weight must be (N, K=", x.size(1),
+                "), got ", weight->sizes());
+  }
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1) && lora_A.size(0) >= 1,
               "lora_kernels: lora_A must be (r >= 1, K=", x.size(1), "), got ", lora_A.sizes());
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == weight.size(0) && lora_B.size(1) == lora_A.size(0),
-              "lora_kernels: lora_B must be (N=", weight.size(0), ", r=", lora_A.size(0), "), got ", lora_B.sizes());
-  for (const at::Tensor* t : {&weight, &lora_A, &lora_B}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lora_kernels: weight, lora_A and lora_B must have x's dtype ",
-                x.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu(), "lora_kernels: the cpu kernels need CPU tensors, got ", t->device());
+  const int64_t r = lora_A.size(0);
+  if (weight.has_value()) {
+    TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == weight->size(0) && lora_B.size(1) == r,
+                "lora_kernels: lora_B must be (N=", weight->size(0), ", r=", r, "), got ", lora_B.sizes());
+  } else {
+    TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(1) == r, "lora_kernels: lora_B must be (N, r=", r, "), got ",
+                lora_B.sizes());
   }
+  if (weight.has_value()) check_like_x(*weight, "weight", x);
+  check_like_x(lora_A, "lora_A", x);
+  check_like_x(lora_B, "lora_B", x);
   TORCH_CHECK(x.device().is_cpu(), "lora_kernels: the cpu kernels need CPU tensors, got x on ", x.device());
+  return weight.has_value() ? weight->size(0) : lora_B.size(0);
 }
 
 // Per-thread buffers for one row block of x: dropout(x) rows, g·A rows, and the rows' keep bits.
@@ -149,7 +165,7 @@ at::Tensor lora_forward_rows(const at::Tensor& x, const c10::optional<at::Tensor
   return xa;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                      const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
                                                      const c10::optional<at::Tensor>& seed) {
@@ -157,22 +173,22 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   // autocast (an enclosing torch.autocast would lower the fp32 products of the calling thread's rows).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_common(x, weight, lora_A, lora_B);
+  const int64_t n_size = check_common(x, weight, lora_A, lora_B);
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
-  const int64_t m_size = x.size(0), n_size = weight.size(0);
+  const int64_t m_size = x.size(0);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_size && bias->scalar_type() == x.scalar_type(),
                 "lora_kernels: bias must be (N=", n_size, ",) of x's dtype, got ", bias->sizes(), " ",
                 bias->scalar_type());
   }
-  // y = bias + s·xa·Bᵀ, then y += x·Wᵀ with beta = 1: the base GEMM reads the LoRA term in its
-  // epilogue instead of a separate add pass over M x N.
+  // y = bias + s·xa·Bᵀ, then (with a weight) y += x·Wᵀ with beta = 1: the base GEMM reads the LoRA
+  // term in its epilogue instead of a separate add pass over M x N.
   at::Tensor y = at::empty({m_size, n_size}, x.options());
   at::Tensor xa;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_forward_rows", [&] {
     xa = lora_forward_rows<scalar_t>(x, bias, lora_A, lora_B, scaling, spec, y);
   });
-  y.addmm_(x, weight.t());
+  if (weight.has_value()) y.addmm_(x, weight->t());
   return {y, xa};
 }
 
@@ -261,17 +277,21 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     const c10::optional<at::Tensor>& seed, bool compute_grad_x) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in fused_forward_cpu
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_common(x, weight, lora_A, lora_B);
-  const int64_t m_size = x.size(0), n_size = weight.size(0), k_size = x.size(1);
+  const int64_t n_size = check_common(x, weight, lora_A, lora_B);
+  const int64_t m_size = x.size(0), k_size = x.size(1);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == m_size && grad_y.size(1) == n_size,
               "lora_kernels: grad_y must be (M=", m_size, ", N=", n_size, "), got ", grad_y.sizes());
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m_size && xa.size(1) == lora_A.size(0),
               "lora_kernels: xa must be (M=", m_size, ", r=", lora_A.size(0), "), got ", xa.sizes());
+  // Without these a mixed dtype surfaced as an ATen error deep inside, or not at all (grad_B in
+  // grad_y's dtype) when grad_x was not wanted.
+  check_like_x(grad_y, "grad_y", x);
+  check_like_x(xa, "xa", x);
   const DropoutSpec spec = make_dropout_spec(seed, dropout_p);
   const auto [g, grad_b] = grad_y_products(grad_y, lora_B, xa, scaling);  // g in the accumulation type
   at::Tensor grad_x = compute_grad_x ? at::empty({m_size, k_size}, x.options()) : at::empty({0}, x.options());
@@ -279,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_rows", [&] {
     grad_a = lora_backward_rows<scalar_t>(x, g, lora_A, scaling, spec, compute_grad_x ? &grad_x : nullptr);
   });
-  // grad_x already holds the LoRA term; the base GEMM accumulates onto it (beta = 1).
-  if (compute_grad_x) grad_x.addmm_(grad_y, weight);
+  // grad_x already holds the LoRA term; the base GEMM (with a weight) accumulates onto it (beta = 1).
+  if (compute_grad_x && weight.has_value()) grad_x.addmm_(grad_y, *weight);
   return {grad_x, grad_a, grad_b};
 }
 

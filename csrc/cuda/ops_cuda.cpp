@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// The `cuda` backend: CUDA kernels of the lora_kernels ops (schemas in csrc/ops.cpp).
+// The `cuda` backend: CUDA kernels of the lora_kernels ops (schemas: csrc/schema.h).
 //
 //   fused_forward:  xa = dropout(x)·Aᵀ                       dropout_project.cu (x read once)
 //                   y  = bias + s·xa·Bᵀ                        lora_expand.cu (prefill)
-//                   y += x·W₀ᵀ                                 cuBLAS through at::addmm_ (beta = 1)
+//                   y += x·W₀ᵀ (with a weight)                 cuBLAS through at::addmm_ (beta = 1)
 //   fused_backward: g = dY·B, dB = s·dYᵀ·xa                    backward_dy.cu (one pass over dY)
 //                   dA = s·gᵀ·(D⊙x) [+ dX = s·D⊙(g·A)]         backward_dx.cu (one pass over x)
-//                   dX += dY·W₀                                cuBLAS through at::addmm_ (beta = 1)
+//                   dX += dY·W₀ (with a weight)                cuBLAS through at::addmm_ (beta = 1)
 //
 // This file is compiled by the host compiler: it checks arguments, allocates outputs and
 // workspaces, picks the launch plans (launchers.h) and calls the launchers. It is also compiled into
@@ -78,21 +78,33 @@ struct Shapes {
   int64_t M, K, N, r;
 };
 
-// Checks shared by forward and backward; returns M, K, N, r.
-Shapes check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-                    const at::Tensor& lora_B, double scaling, double dropout_p,
+// Checks shared by forward and backward; returns M, K, N, r. N is the weight's rows when there is
+// one (checked as before weight was optional), else lora_B's, which bias and grad_y are then
+// checked against.
+Shapes check_common(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
                     const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(x.device().type() == kDeviceType, "lora_kernels::", op, " (cuda backend): x must be a ", kDeviceName,
               " tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "lora_kernels::", op, ": x must be 2-D (M, K) (lora_linear flattens leading dims), got ",
               x.sizes());
   dtype_of(x);
-  TORCH_CHECK(weight.dim() == 2, "lora_kernels::", op, ": weight must be 2-D (N, K), got ", weight.sizes());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 2, "lora_kernels::", op, ": weight must be 2-D (N, K), got ", weight->sizes());
+  } else {
+    TORCH_CHECK(lora_B.dim() == 2, "lora_kernels::", op, ": lora_B must be 2-D (N, r), got ", lora_B.sizes());
+  }
   TORCH_CHECK(lora_A.dim() == 2, "lora_kernels::", op, ": lora_A must be 2-D (r, K), got ", lora_A.sizes());
-  Shapes s{x.size(0), x.size(1), weight.size(0), lora_A.size(0)};
-  TORCH_CHECK(s.K >= 1 && s.N >= 1, "lora_kernels::", op, ": weight must be (N, K) with N, K >= 1, got ", weight.sizes());
+  Shapes s{x.size(0), x.size(1), weight.has_value() ? weight->size(0) : lora_B.size(0), lora_A.size(0)};
+  if (weight.has_value()) {
+    TORCH_CHECK(s.K >= 1 && s.N >= 1, "lora_kernels::", op, ": weight must be (N, K) with N, K >= 1, got ",
+                weight->sizes());
+  } else {
+    TORCH_CHECK(s.K >= 1, "lora_kernels::", op, ": x must be (M, K) with K >= 1, got ", x.sizes());
+    TORCH_CHECK(s.N >= 1, "lora_kernels::", op, ": lora_B must be (N, r) with N >= 1, got ", lora_B.sizes());
+  }
   TORCH_CHECK(s.r >= 1, "lora_kernels::", op, ": lora_A must be (r, K) with rank r >= 1, got ", lora_A.sizes());
-  check_matrix(weight, "weight", s.N, s.K, "(N, K)", x);
+  if (weight.has_value()) check_matrix(*weight, "weight", s.N, s.K, "(N, K)", x);
   check_matrix(lora_A, "lora_A", s.r, s.K, "(r, K)", x);
   check_matrix(lora_B, "lora_B", s.N, s.r, "(N, r)", x);
   TORCH_CHECK(std::isfinite(scaling), "lora_kernels::", op, ": scaling must be finite, got ", scaling);
@@ -183,7 +195,7 @@ void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nul
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                  const at::Tensor& lora_B, double scaling, double dropout_p,
                                                  const std::optional<at::Tensor>& seed) {
@@ -248,13 +260,15 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
   ea.out = y.data_ptr();
   launch_expand(ea, ep, l.stream);
 
-  // y += x·W₀ᵀ on cuBLAS (beta = 1 onto the prefilled LoRA term and bias).
-  y.addmm_(x, weight.t());
+  // y += x·W₀ᵀ on cuBLAS (beta = 1 onto the prefilled LoRA term and bias); without a weight the
+  // caller adds its own base product.
+  if (weight.has_value()) y.addmm_(x, weight->t());
   return {y, xa};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                                                              const at::Tensor& weight, const at::Tensor& lora_A,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              const at::Tensor& lora_A,
                                                               const at::Tensor& lora_B, const at::Tensor& xa,
                                                               double scaling, double dropout_p,
                                                               const std::optional<at::Tensor>& seed,
@@ -355,8 +369,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const at::Tensor& 
   da.grad_A_ws = ptr_or_null(a_ws);
   launch_dx(da, xp, l.stream);
 
-  // dX += dY·W₀ on cuBLAS (beta = 1 onto the prefilled LoRA term).
-  if (compute_grad_x) grad_x.addmm_(grad_y, weight);
+  // dX += dY·W₀ on cuBLAS (beta = 1 onto the prefilled LoRA term); without a weight the caller
+  // adds its own.
+  if (compute_grad_x && weight.has_value()) grad_x.addmm_(grad_y, *weight);
   return {grad_x, grad_A, grad_B};
 }
 

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """What the `cpu` and `cuda` backends share: thin calls into the C++/CUDA ops of `lora_kernels._C`
-(schemas in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda, picked by the tensors' device).
+(schemas in csrc/schema.h; kernels in csrc/cpu and csrc/cuda, picked by the tensors' device).
 
 A dense base is fused into the ops (their base GEMM reads the LoRA term in its epilogue); any other
 format is given no weight, so the ops compute the LoRA terms alone, and the format's own products

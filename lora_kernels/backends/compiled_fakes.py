@@ -8,6 +8,9 @@ import torch
 
 @torch.library.register_fake("lora_kernels::fused_forward")
 def _fused_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    # N from lora_B, which is there with or without a weight; a weight must have as many rows.
+    if weight is not None:
+        torch._check(weight.shape[0] == lora_B.shape[0], lambda: "weight and lora_B must have the same N")
     return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 

@@ -18,6 +18,7 @@
 #include "cuda/dropout_project.cu"
 #include "cuda/lora_expand.cu"
 #include "cuda/ops_cuda.cpp"
+#include "schema.h"
 
 // The launch decisions for a problem on the emulated device (LORA_KERNELS_EMU_SMS,
 // LORA_KERNELS_EMU_ACC_BUDGET), so the tests can check which code paths a shape exercises:
@@ -76,13 +77,10 @@ TORCH_LIBRARY(lora_kernels_emu, m) {
   m.def("plan_on_device(int M, int K, int N, int r, ScalarType dtype, int num_sms, int smem_per_sm, int smem_optin) -> int[]",
         &plan_on_device);
   m.def("smem_attributes() -> int[]", &smem_attributes);
-  m.def(
-      "fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def(
-      "fused_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
-      "float scaling, float dropout_p, Tensor? seed, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
-  m.def("dropout_keep_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
+  // The schemas of the real ops (schema.h), so the emulation is called exactly as they are.
+  m.def(lora_kernels::schema::kFusedForward);
+  m.def(lora_kernels::schema::kFusedBackward);
+  m.def(lora_kernels::schema::kDropoutKeepMask);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_emu, CPU, m) {

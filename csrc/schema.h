@@ -1,0 +1,39 @@
+// SPDX-License-Identifier: Apache-2.0
+// The torch.library schemas of the compiled ops, written once: csrc/ops.cpp defines them in the
+// `lora_kernels` library (kernels: csrc/cpu, csrc/cuda) and the CPU emulation of the cuda backend
+// (csrc/cuda/emulation/emulated_ops.cpp) in `lora_kernels_emu`, so the two cannot drift apart.
+// The Python side (lora_kernels/backends/compiled.py) calls them and registers their fake kernels;
+// the maths is docs/design.md §1, the dropout rule §4.
+#pragma once
+
+namespace lora_kernels {
+namespace schema {
+
+// x (M, K) any strides; weight (N, K) or None, bias (N,) or None, lora_A (r, K), lora_B (N, r)
+// contiguous, one dtype. Dropout is on iff seed (int64, shape (1,), x's device) is given.
+// Returns y (M, N) and xa = dropout(x)·lora_Aᵀ (M, r), where
+//   y = x·weightᵀ + bias + scaling·xa·lora_Bᵀ   with a weight (the base GEMM fused: it accumulates
+//                                                onto the LoRA term),
+//   y = bias + scaling·xa·lora_Bᵀ               without (the caller adds its own base product,
+//                                                lora_kernels/base_weights); N is lora_B's rows.
+constexpr const char* kFusedForward =
+    "fused_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+    "float dropout_p, Tensor? seed) -> (Tensor, Tensor)";
+
+// grad_y (M, N) contiguous. Returns grad_x (M, K) (empty unless compute_grad_x), grad_A (r, K),
+// grad_B (N, r); the dropout mask is regenerated from the seed, never stored. grad_x is
+// grad_y·weight + scaling·D⊙(g·lora_A) with a weight, the LoRA term alone without.
+constexpr const char* kFusedBackward =
+    "fused_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+    "float scaling, float dropout_p, Tensor? seed, bool compute_grad_x) -> (Tensor, Tensor, Tensor)";
+
+// The keep-mask (rows, cols) of the shared generator, on seed's device: for bit-exact tests.
+constexpr const char* kDropoutKeepMask = "dropout_keep_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor";
+
+// uint8 (count,): byte i holds the keep bits (bit j: lane j) of Philox group first_group + i; for
+// tests of counters past 2**32 without a tensor that large. CPU only (not in the emulation).
+constexpr const char* kDropoutKeepBits =
+    "dropout_keep_bits(Tensor seed, int first_group, int count, float dropout_p) -> Tensor";
+
+}  // namespace schema
+}  // namespace lora_kernels
