@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     for case in cases:
         reps = bench_set.reps_for(case.m)
         progress.set_label(f"{case.name} set-up")
-        provs = providers(case, backends, with_peft=not args.no_peft)
+        provs = providers(case, backends, with_peft=not args.no_peft, variant=bench_set.variant)
         saved = {name: saved_activation_bytes(pv.forward, pv.params, pv.shared_input) for name, pv in provs.items()}
         for mode in MODES:
             progress.set_label(f"{case.name} {mode}")

@@ -27,6 +27,7 @@ class BenchSet:
     reps: int
     small_reps: int
     about: str
+    variant: str = "lora"  # "dora": PEFT's use_dora=True layer vs dora_linear (the base row is the same)
 
     def reps_for(self, m: int) -> int:
         return self.small_reps if m <= 64 else self.reps
@@ -47,6 +48,11 @@ SETS = {
         "Llama-8B-sized layers and decode (M = 1, 16): base vs PEFT vs triton vs cuda, ~5 min on an H100",
     ),
     "quick": BenchSet("quick", "any", "fp32", ((256, 512, 512),), (16,), (0.0, 0.1), 5, 5, "a smoke test, seconds"),
+    "dora": BenchSet(
+        "dora", "cpu", "fp32", ((2048, 2048, 2048),), (16,), (0.0, 0.1), 15, 15,
+        "DoRA: PEFT's use_dora=True layer vs dora_linear, the design's CPU shape (~4 min on 2 idle cores)",
+        variant="dora",
+    ),
 }
 
 @dataclass
@@ -134,15 +140,61 @@ def fused(case: Case, backend: str) -> Provider:
     return _provider(layer, (x, lora_A, lora_B), grad_y, [weight, bias, lora_A, lora_B], x)
 
 
-def providers(case: Case, backends: List[str], with_peft: bool = True) -> Dict[str, Provider]:
-    """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each."""
+def _magnitude(weight, lora_A, lora_B, scaling):
+    """A DoRA magnitude near PEFT's initial one (‖W₀ + s·B·A‖ per row), perturbed so c ≠ 1."""
+    from lora_kernels.variants.dora import init_magnitude
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    noise = 1.0 + 0.1 * torch.randn(weight.shape[0], generator=g)
+    return (init_magnitude(weight, lora_A, lora_B, scaling) * noise.to(weight)).requires_grad_()
+
+
+def peft_dora(case: Case) -> Optional[Provider]:
+    """PEFT's eager DoRA layer (LoraConfig(use_dora=True)) on an nn.Linear; None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
+    base = torch.nn.Linear(case.k, case.n, device=case.device, dtype=case.dtype)
+    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"], use_dora=True)
+    layer = peft.get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        layer.base_layer.bias.copy_(bias)
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+        magnitude.copy_(_magnitude(weight, lora_A, lora_B, 2.0))
+    layer.train()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return _provider(lambda: layer(x), (x, a, b, magnitude), grad_y, list(layer.parameters()), x)
+
+
+def fused_dora(case: Case, backend: str) -> Provider:
+    """dora_linear with one backend."""
+    from lora_kernels.variants.dora import dora_linear
+
+    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
+    magnitude = _magnitude(weight, lora_A, lora_B, 2.0)
+
+    def layer():
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, 2.0, case.p, backend=backend)
+
+    return _provider(layer, (x, lora_A, lora_B, magnitude), grad_y, [weight, bias, lora_A, lora_B, magnitude], x)
+
+
+def providers(case: Case, backends: List[str], with_peft: bool = True, variant: str = "lora") -> Dict[str, Provider]:
+    """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each; for
+    variant "dora", PEFT's DoRA layer and dora_linear in place of the plain LoRA ones."""
+    peft_layer, fused_layer = (peft_dora, fused_dora) if variant == "dora" else (peft_lora, fused)
     out: Dict[str, Provider] = {"base": base_linear(case)}
     if with_peft:
-        peft_provider = peft_lora(case)
+        peft_provider = peft_layer(case)
         if peft_provider is not None:
             out["peft"] = peft_provider
     for backend in backends:
-        out[f"fused:{backend}"] = fused(case, backend)
+        out[f"fused:{backend}"] = fused_layer(case, backend)
     return out
 
 
