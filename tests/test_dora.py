@@ -230,6 +230,24 @@ def test_norm_cache_sees_new_weights():
     check()
     layer.weight.data = torch.randn(12, 16, dtype=torch.float64)
     check()
+    with torch.no_grad():  # an optimizer step on the adapter
+        lora_B.add_(0.5)
+    check()
+    with torch.no_grad():
+        lora_A.mul_(-2.0)
+    check()
+
+
+def test_magnitude_init_is_not_the_cached_norm():
+    """init_magnitude hands out its own tensor: training it must not change the cached norm."""
+    x, weight, _, lora_A, lora_B, _ = make_dora((6,), 16, 12, 4, torch.float64)
+    magnitude = init_magnitude(weight, lora_A, lora_B, SCALING).requires_grad_()
+    y_before = dora_linear(x, weight, None, lora_A, lora_B, magnitude, SCALING)
+    with torch.no_grad():
+        magnitude.mul_(3.0)
+    y = dora_linear(x, weight, None, lora_A, lora_B, magnitude, SCALING)
+    assert_close(y, dora_linear_eager(x, weight, None, lora_A, lora_B, magnitude, SCALING), torch.float64, "y")
+    assert not torch.allclose(y, y_before)
 
 
 # --- PEFT's own layer ----------------------------------------------------------------------------

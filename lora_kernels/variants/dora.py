@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,55 +70,54 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- the norm ‖W₀ + s·B·A‖ per output row, without the N x K matrix ------------------------------
 
 
-class _RowNormCache:
-    """‖W₀ₙ‖² (N,) per base weight, computed once (a pass over W₀) and reused while W₀ is unchanged.
+class _TensorCache:
+    """Values computed from some tensors, reused while those tensors are unchanged.
 
-    Entries are keyed by the first tensor of the weight's `flatten()` (the dense weight itself,
-    or a quantized format's packed data) and hold a weak reference to it, so they die with it.
-    An entry is valid while every flattened tensor has the same data pointer, shape, strides and
-    version counter: an in-place write through the tensor (``load_state_dict``, ``copy_`` under
-    no_grad) bumps the version, replacing ``param.data`` changes the pointer. Writes through
-    ``param.data`` (a tensor with its own version counter) are not seen: call `clear_norm_cache`
-    after them."""
+    Entries are keyed by the first tensor (the anchor) and hold a weak reference to it, so they
+    die with it. An entry is valid while every tensor has the same data pointer, shape, strides
+    and version counter, and the same extra key: an in-place write through a tensor
+    (``load_state_dict``, ``copy_`` under no_grad, an optimizer step) bumps its version, replacing
+    ``param.data`` changes its pointer. Writes through ``param.data`` (a tensor with its own
+    version counter) are not seen: call `clear_norm_cache` after them. Inference tensors (no
+    version counter) and torch.compile tracing are not cached."""
 
     def __init__(self):
         self._entries: Dict[int, Tuple[weakref.ref, tuple, Tensor]] = {}
 
-    @staticmethod
-    def _fingerprint(base: BaseWeight, acc: torch.dtype):
-        tensors, meta = base.flatten()
-        if any(t.is_inference() for t in tensors):  # no version counter to check against
-            return tensors[0], None
-        state = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version) for t in tensors)
-        return tensors[0], (base.format, tuple(meta), acc, state)
-
-    def get(self, base: BaseWeight, acc: torch.dtype) -> Tensor:
-        anchor, key = self._fingerprint(base, acc)
-        if key is None or torch.compiler.is_compiling():
-            return _row_norms_sq(base, acc)
+    def get(self, tensors, extra: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return compute()
+        anchor = tensors[0]
+        key = extra + tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version) for t in tensors)
         entry = self._entries.get(id(anchor))
         if entry is not None and entry[0]() is anchor and entry[1] == key:
             return entry[2]
-        norms = _row_norms_sq(base, acc)
+        value = compute()
         ident = id(anchor)
 
         def forget(ref, ident=ident, entries=self._entries):
             if ident in entries and entries[ident][0] is ref:
                 del entries[ident]
 
-        self._entries[ident] = (weakref.ref(anchor, forget), key, norms)
-        return norms
+        self._entries[ident] = (weakref.ref(anchor, forget), key, value)
+        return value
 
     def clear(self) -> None:
         self._entries.clear()
 
 
-_ROW_NORMS = _RowNormCache()
+# ‖W₀ₙ‖² per base weight (keyed by its flattened tensors): one pass over W₀ while it is unchanged.
+_ROW_NORMS = _TensorCache()
+# ‖W₀ + s·B·A‖ per (lora_A, lora_B, base, s): recomputed after each optimizer step, reused by the
+# micro-batches of gradient accumulation and by every call in eval (where A·W₀ᵀ, r·N·K
+# multiply-adds, is a quarter of a 64-row layer's base product).
+_NORMS = _TensorCache()
 
 
 def clear_norm_cache() -> None:
-    """Forget every cached ‖W₀ₙ‖² (needed only after writing a base weight through ``.data``)."""
+    """Forget every cached norm (needed only after writing a base weight or lora_A/lora_B through ``.data``)."""
     _ROW_NORMS.clear()
+    _NORMS.clear()
 
 
 def _row_norms_sq(base: BaseWeight, acc: torch.dtype) -> Tensor:
@@ -132,8 +131,19 @@ def _row_norms_sq(base: BaseWeight, acc: torch.dtype) -> Tensor:
 def weight_norm(weight: Union[Tensor, BaseWeight], lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """‖W₀ + s·B·A‖ per output row (N,), detached, in W₀'s compute dtype (PEFT's rounding), from
     ‖W₀ₙ‖² (cached), A·W₀ᵀ (r x N) and A·Aᵀ (r x r): O(N·K·r), no N x K temporary."""
-    base = as_base_weight(weight)
+    return _cached_norm(as_base_weight(weight), lora_A, lora_B, scaling).clone()
+
+
+def _cached_norm(base: BaseWeight, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """weight_norm, served from `_NORMS` while A, B and W₀ are unchanged (read-only: it is shared)."""
+    tensors, meta = base.flatten()
+    extra = (base.format, tuple(meta), float(scaling))
+    return _NORMS.get([lora_A, lora_B, *tensors], extra, lambda: _weight_norm(base, lora_A, lora_B, scaling))
+
+
+def _weight_norm(base: BaseWeight, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     acc = _accumulate_dtype(base.dtype)
+    tensors, meta = base.flatten()
     with torch.no_grad():
         a, b = lora_A.detach(), lora_B.detach()
         aw = a.new_zeros(a.shape[0], base.shape[0])  # A·W₀ᵀ (r, N)
@@ -141,7 +151,8 @@ def weight_norm(weight: Union[Tensor, BaseWeight], lora_A: Tensor, lora_B: Tenso
         a_acc, b_acc = a.to(acc), b.to(acc)
         cross = (b_acc * aw.t().to(acc)).sum(1)  # Bₙ·(A·W₀ₙᵀ)
         quad = ((b_acc @ (a_acc @ a_acc.t())) * b_acc).sum(1)  # Bₙ(A·Aᵀ)Bₙᵀ = ‖BₙA‖²
-        norm_sq = _ROW_NORMS.get(base, acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        row_sq = _ROW_NORMS.get(tensors, (base.format, tuple(meta), acc), lambda: _row_norms_sq(base, acc))
+        norm_sq = row_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
         # ≥ 0 in exact arithmetic; rounding can push a near-zero row below it
         return norm_sq.clamp_min_(0.0).sqrt_().to(base.dtype)
 
@@ -340,7 +351,7 @@ def dora_linear(
     check_magnitude(magnitude, n, x)
     if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must be frozen (requires_grad=False): dora_linear gives the base weight no gradient")
-    norm = weight_norm(base, lora_A, lora_B, scaling)
+    norm = _cached_norm(base, lora_A, lora_B, scaling)
     spec = effective_dropout(dropout_p, scaling, training)
     if training and dropout_p > 0.0 and spec.dropout_p == 0.0:
         # every element dropped: x′ = 0, y is the base layer's output; lora_linear serves that
