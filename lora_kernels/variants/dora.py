@@ -49,7 +49,14 @@ from lora_kernels.dropout import (
     dropout_threshold,
     philox4x32,
 )
-from lora_kernels.ops import check_inputs, check_seed, effective_dropout, lora_linear, lora_linear_backward_op, lora_linear_op
+from lora_kernels.ops import (
+    check_inputs,
+    check_seed,
+    effective_dropout,
+    lora_linear,
+    lora_linear_backward_op,
+    lora_linear_op,
+)
 from lora_kernels.variants.base import Variant, register_variant
 
 # Rows per chunk of the p > 0 passes (x′ rows, their mask and one block of the masked base product
