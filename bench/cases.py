@@ -4,6 +4,7 @@ PEFT's lora.Linear, lora_linear per backend) returning the callables the harness
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -110,15 +111,17 @@ def base_linear(case: Case) -> Provider:
     return _provider(lambda: F.linear(x, weight, bias), (x,), grad_y, [weight, bias], x)
 
 
-def peft_lora(case: Case) -> Optional[Provider]:
-    """PEFT's eager lora.Linear (dropout module, two small linears, scale, add); None without peft."""
+def peft_lora(case: Case, use_dora: bool = False) -> Optional[Provider]:
+    """PEFT's eager lora.Linear (dropout module, two small linears, scale, add), or with `use_dora`
+    its DoRA layer (LoraConfig(use_dora=True)); None without peft."""
     try:
         import peft
     except ImportError:
         return None
     x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
     base = torch.nn.Linear(case.k, case.n, device=case.device, dtype=case.dtype)
-    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"])
+    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"],
+                             use_dora=use_dora)
     layer = peft.get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
     with torch.no_grad():
         layer.base_layer.weight.copy_(weight)
@@ -126,9 +129,14 @@ def peft_lora(case: Case) -> Optional[Provider]:
         layer.lora_A["default"].weight.copy_(lora_A)
         layer.lora_B["default"].weight.copy_(lora_B)
     layer.train()
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    inputs = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if use_dora:
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            magnitude.copy_(_magnitude(weight, lora_A, lora_B, 2.0))
+        inputs.append(magnitude)
     params = [p for p in layer.parameters()]
-    return _provider(lambda: layer(x), (x, a, b), grad_y, params, x)
+    return _provider(lambda: layer(x), tuple(inputs), grad_y, params, x)
 
 
 def fused(case: Case, backend: str) -> Provider:
@@ -150,28 +158,6 @@ def _magnitude(weight, lora_A, lora_B, scaling):
     return (init_magnitude(weight, lora_A, lora_B, scaling) * noise.to(weight)).requires_grad_()
 
 
-def peft_dora(case: Case) -> Optional[Provider]:
-    """PEFT's eager DoRA layer (LoraConfig(use_dora=True)) on an nn.Linear; None without peft."""
-    try:
-        import peft
-    except ImportError:
-        return None
-    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
-    base = torch.nn.Linear(case.k, case.n, device=case.device, dtype=case.dtype)
-    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"], use_dora=True)
-    layer = peft.get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
-    magnitude = layer.lora_magnitude_vector["default"].weight
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(weight)
-        layer.base_layer.bias.copy_(bias)
-        layer.lora_A["default"].weight.copy_(lora_A)
-        layer.lora_B["default"].weight.copy_(lora_B)
-        magnitude.copy_(_magnitude(weight, lora_A, lora_B, 2.0))
-    layer.train()
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    return _provider(lambda: layer(x), (x, a, b, magnitude), grad_y, list(layer.parameters()), x)
-
-
 def fused_dora(case: Case, backend: str) -> Provider:
     """dora_linear with one backend."""
     from lora_kernels.variants.dora import dora_linear
@@ -190,7 +176,8 @@ def fused_dora(case: Case, backend: str) -> Provider:
 def providers(case: Case, backends: List[str], with_peft: bool = True, variant: str = "lora") -> Dict[str, Provider]:
     """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each; for
     variant "dora", PEFT's DoRA layer and dora_linear in place of the plain LoRA ones."""
-    peft_layer, fused_layer = (peft_dora, fused_dora) if variant == "dora" else (peft_lora, fused)
+    peft_layer, fused_layer = (functools.partial(peft_lora, use_dora=True), fused_dora) if variant == "dora" \
+        else (peft_lora, fused)
     out: Dict[str, Provider] = {"base": base_linear(case)}
     if with_peft:
         peft_provider = peft_layer(case)

@@ -185,6 +185,18 @@ def test_other_base_format(backend, p, monkeypatch):
         assert_close(got, want, torch.float64, name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_input_without_gradient(p):
+    """x that needs no gradient (a first layer's input): no dX products, the others unchanged."""
+    x, weight, b, lora_A, lora_B, magnitude = make_dora((7,), 16, 12, 4, torch.float64)
+    x, seed = x.detach(), torch.tensor([9])
+    params = (lora_A, lora_B, magnitude)
+    grads = torch.autograd.grad(dora_linear(x, weight, b, *params, SCALING, p, seed=seed).sum(), params)
+    want = torch.autograd.grad(dora_linear_eager(x, weight, b, *params, SCALING, p, seed).sum(), params)
+    for name, got, ref in zip(("grad_A", "grad_B", "grad_magnitude"), grads, want):
+        assert_close(got, ref, torch.float64, name)
+
+
 def test_bias_gradient():
     x, weight, b, lora_A, lora_B, magnitude = make_dora((6,), 16, 12, 4, torch.float64)
     b.requires_grad_(True)

@@ -65,9 +65,6 @@ from lora_kernels.variants.base import Variant, register_variant
 # chunks took 1.5x/1.3x/1.1x the time of one call.
 CHUNK_ELEMENTS = 1 << 21
 MIN_CHUNK_ROWS = 256
-# Element-wise passes over M x N go by chunks of this many elements (512 KiB in fp32), which stay
-# in L2 between the two products that read them.
-L2_CHUNK_ELEMENTS = 1 << 17
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,12 +194,9 @@ def _multiplier_rows(seed: Tensor, row0: int, rows: int, k: int, p: float, dtype
     return flat[lead:lead + count].view(rows, k)
 
 
-def _row_chunks(m: int, width: int, elements: int = -1, min_rows: int = -1) -> Iterator[Tuple[int, int]]:
-    """(m0, m1) row ranges of [0, m) of about `elements` (default CHUNK_ELEMENTS) x `width` each,
-    at least `min_rows` (default MIN_CHUNK_ROWS) rows."""
-    elements = CHUNK_ELEMENTS if elements < 0 else elements
-    min_rows = MIN_CHUNK_ROWS if min_rows < 0 else min_rows
-    step = max(min_rows, elements // max(width, 1), 1)
+def _row_chunks(m: int, width: int) -> Iterator[Tuple[int, int]]:
+    """(m0, m1) row ranges of [0, m), each about CHUNK_ELEMENTS / `width` rows, at least MIN_CHUNK_ROWS."""
+    step = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(width, 1), 1)
     for m0 in range(0, m, step):
         yield m0, min(m0 + step, m)
 
@@ -253,8 +247,10 @@ class _DoRALinear(torch.autograd.Function):
         with _no_autocast(x.device.type):
             if seed is None:
                 dz = torch.empty_like(dy)
-                # dz = c⊙dY and dc = Σ dY⊙z in L2-sized chunks: dY is read from memory once
-                for m0, m1 in _row_chunks(dy.shape[0], n, L2_CHUNK_ELEMENTS, 1):
+                # dz = c⊙dY and dc = Σ dY⊙z by chunks: the dY⊙z temporary is a chunk's, not M x N. Few
+                # large chunks: each op is a parallel region, and on a loaded machine each region waits
+                # for its slowest thread (64-row chunks measured far slower there)
+                for m0, m1 in _row_chunks(dy.shape[0], n):
                     torch.mul(dy[m0:m1], c, out=dz[m0:m1])
                     dc += (dy[m0:m1] * kept2d[m0:m1]).sum(0, dtype=acc)
                 grad_x, grad_a, grad_b = lora_linear_backward_op(
