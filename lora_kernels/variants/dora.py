@@ -16,7 +16,8 @@ The served form never builds the N x K matrix W₀ + s·B·A that PEFT builds ev
     ‖W₀ₙ + s·BₙA‖² = ‖W₀ₙ‖² + 2s·Bₙ·(A·W₀ₙᵀ) + s²·Bₙ(A·Aᵀ)Bₙᵀ
 
 costs one r x K by K x N product (`BaseWeight.matmul_into` on A's r rows) with ‖W₀ₙ‖² cached per
-base weight (see `_RowNormCache`). Then, on any backend's plain fused op (the custom op
+base weight, and the norm itself cached while A, B and W₀ are unchanged (`_TensorCache`: eval, and
+the micro-batches of gradient accumulation). Then, on any backend's plain fused op (the custom op
 ``lora_kernels::lora_linear`` and its backward):
 
 * p = 0 or eval: y = c⊙z + b with z = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ from one fused call; backward hands
