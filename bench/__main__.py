@@ -8,7 +8,8 @@ quartiles of the per-round ratios) and the saved-activation bytes; writes JSON a
 and, with --plot, a PNG of the ratios (`python -m bench.plot <json>` redraws it).
 
 Sets (--set): cpu (default on a CPU: ~2 min on 2 cores), cpu-full (--full: the README's table,
-~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick.
+~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick, dora
+(PEFT's DoRA layer vs dora_linear, with each provider's peak allocation over one fwd+bwd).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 
 import lora_kernels
 from bench.cases import SETS, BenchSet, Case, parse_shape, providers
-from bench.harness import device_name, saved_activation_bytes, time_interleaved, versions
+from bench.harness import device_name, peak_allocated_bytes, saved_activation_bytes, time_interleaved, versions
 from bench.progress import Progress
-from bench.report import below_one_warnings, ratio_stats, summarize_times, table_header, table_row
+from bench.report import below_one_warnings, peak_note, ratio_stats, summarize_times, table_header, table_row
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -133,8 +134,10 @@ def main(argv=None) -> dict:
     for case in cases:
         reps = bench_set.reps_for(case.m)
         progress.set_label(f"{case.name} set-up")
-        provs = providers(case, backends, with_peft=not args.no_peft)
+        provs = providers(case, backends, with_peft=not args.no_peft, variant=bench_set.variant)
         saved = {name: saved_activation_bytes(pv.forward, pv.params, pv.shared_input) for name, pv in provs.items()}
+        peaks = {name: peak_allocated_bytes(pv.forward_backward) for name, pv in provs.items()} \
+            if device.type == "cpu" and bench_set.variant == "dora" else None
         for mode in MODES:
             progress.set_label(f"{case.name} {mode}")
             fns = {name: (pv.forward if mode == "fwd" else pv.forward_backward) for name, pv in provs.items()}
@@ -145,12 +148,16 @@ def main(argv=None) -> dict:
                 "ratios": {"vs_base": ratio_stats(samples, "base"), "vs_peft": ratio_stats(samples, "peft", skip=("base",))},
                 "saved_bytes": saved,
             }
+            if peaks is not None:
+                row["peak_fwd_bwd_bytes"] = peaks
             result["rows"].append(row)
             write_json(out, result)
             if not header_printed:
                 progress.note(table_header(list(row["times"])))
                 header_printed = True
             progress.note(table_row(row))
+            if peaks is not None and mode == MODES[-1]:
+                progress.note(peak_note(row["case"], peaks, case.n * case.k * case.dtype.itemsize))
         del provs, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ PEFT's lora.Linear, lora_linear per backend) returning the callables the harness
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -27,6 +28,7 @@ class BenchSet:
     reps: int
     small_reps: int
     about: str
+    variant: str = "lora"  # "dora": PEFT's use_dora=True layer vs dora_linear (the base row is the same)
 
     def reps_for(self, m: int) -> int:
         return self.small_reps if m <= 64 else self.reps
@@ -47,6 +49,12 @@ SETS = {
         "Llama-8B-sized layers and decode (M = 1, 16): base vs PEFT vs triton vs cuda, ~5 min on an H100",
     ),
     "quick": BenchSet("quick", "any", "fp32", ((256, 512, 512),), (16,), (0.0, 0.1), 5, 5, "a smoke test, seconds"),
+    "dora": BenchSet(
+        "dora", "cpu", "fp32", ((2048, 2048, 2048), (64, 4096, 4096)), (16,), (0.0, 0.1), 15, 15,
+        "DoRA: PEFT's use_dora=True layer vs dora_linear; the design's CPU shape and a small-M layer whose "
+        "W₀ dwarfs the activations (~5 min on 2 idle cores)",
+        variant="dora",
+    ),
 }
 
 @dataclass
@@ -103,15 +111,17 @@ def base_linear(case: Case) -> Provider:
     return _provider(lambda: F.linear(x, weight, bias), (x,), grad_y, [weight, bias], x)
 
 
-def peft_lora(case: Case) -> Optional[Provider]:
-    """PEFT's eager lora.Linear (dropout module, two small linears, scale, add); None without peft."""
+def peft_lora(case: Case, use_dora: bool = False) -> Optional[Provider]:
+    """PEFT's eager lora.Linear (dropout module, two small linears, scale, add), or with `use_dora`
+    its DoRA layer (LoraConfig(use_dora=True)); None without peft."""
     try:
         import peft
     except ImportError:
         return None
     x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
     base = torch.nn.Linear(case.k, case.n, device=case.device, dtype=case.dtype)
-    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"])
+    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["0"],
+                             use_dora=use_dora)
     layer = peft.get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
     with torch.no_grad():
         layer.base_layer.weight.copy_(weight)
@@ -119,9 +129,14 @@ def peft_lora(case: Case) -> Optional[Provider]:
         layer.lora_A["default"].weight.copy_(lora_A)
         layer.lora_B["default"].weight.copy_(lora_B)
     layer.train()
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    inputs = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if use_dora:
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            magnitude.copy_(_magnitude(weight, lora_A, lora_B, 2.0))
+        inputs.append(magnitude)
     params = [p for p in layer.parameters()]
-    return _provider(lambda: layer(x), (x, a, b), grad_y, params, x)
+    return _provider(lambda: layer(x), tuple(inputs), grad_y, params, x)
 
 
 def fused(case: Case, backend: str) -> Provider:
@@ -134,15 +149,42 @@ def fused(case: Case, backend: str) -> Provider:
     return _provider(layer, (x, lora_A, lora_B), grad_y, [weight, bias, lora_A, lora_B], x)
 
 
-def providers(case: Case, backends: List[str], with_peft: bool = True) -> Dict[str, Provider]:
-    """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each."""
+def _magnitude(weight, lora_A, lora_B, scaling):
+    """A DoRA magnitude near PEFT's initial one (‖W₀ + s·B·A‖ per row), perturbed so c ≠ 1."""
+    from lora_kernels.variants.dora import init_magnitude
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    noise = 1.0 + 0.1 * torch.randn(weight.shape[0], generator=g)
+    return (init_magnitude(weight, lora_A, lora_B, scaling) * noise.to(weight)).requires_grad_()
+
+
+def fused_dora(case: Case, backend: str) -> Provider:
+    """dora_linear with one backend."""
+    from lora_kernels.variants.dora import dora_linear
+
+    x, weight, bias, lora_A, lora_B, grad_y = _tensors(case)
+    magnitude = _magnitude(weight, lora_A, lora_B, 2.0)
+
+    def layer():
+        with torch.no_grad():  # as after an optimizer step: the norm ‖W₀ + s·B·A‖ is recomputed each call
+            lora_A.add_(0.0)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, 2.0, case.p, backend=backend)
+
+    return _provider(layer, (x, lora_A, lora_B, magnitude), grad_y, [weight, bias, lora_A, lora_B, magnitude], x)
+
+
+def providers(case: Case, backends: List[str], with_peft: bool = True, variant: str = "lora") -> Dict[str, Provider]:
+    """name -> Provider for this case: "base", "peft" (if installed), "fused:<backend>" each; for
+    variant "dora", PEFT's DoRA layer and dora_linear in place of the plain LoRA ones."""
+    peft_layer, fused_layer = (functools.partial(peft_lora, use_dora=True), fused_dora) if variant == "dora" \
+        else (peft_lora, fused)
     out: Dict[str, Provider] = {"base": base_linear(case)}
     if with_peft:
-        peft_provider = peft_lora(case)
+        peft_provider = peft_layer(case)
         if peft_provider is not None:
             out["peft"] = peft_provider
     for backend in backends:
-        out[f"fused:{backend}"] = fused(case, backend)
+        out[f"fused:{backend}"] = fused_layer(case, backend)
     return out
 
 

@@ -116,3 +116,27 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], params, shared_i
         y = forward()
     del y
     return {"total": meter.bytes, "beyond_input": meter.bytes_excluding(shared_input)}
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The peak, over one call of `fn`, of the CPU bytes allocated during it and not yet freed
+    (torch.profiler's memory events: every allocation through torch's CPU allocator, inside ops
+    too; BLAS-internal buffers are not seen). What a temporary such as an N x K matrix adds."""
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak

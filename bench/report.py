@@ -137,3 +137,10 @@ def below_one_warnings(rows: List[dict]) -> List[str]:
         "work and more, so these are noise (other load on the machine, clock changes): rerun on a quiet "
         "machine or with more --reps before reading anything into them."
     ] + found
+
+
+def peak_note(case: str, peaks: Dict[str, int], weight_bytes: int) -> str:
+    """One line: each provider's peak allocation over one forward+backward, next to the size of
+    an N x K temporary (the weight), which PEFT's DoRA builds every forward."""
+    shown = " / ".join(f"{name.replace('fused:', '')} {peak / MIB:.1f}" for name, peak in peaks.items())
+    return f"  {case} peak MiB allocated during one fwd+bwd: {shown} (an N x K temporary: {weight_bytes / MIB:.1f})"

@@ -5,7 +5,7 @@
   dora.py  DoRA (weight-decomposed LoRA, PEFT's `use_dora=True`)
 """
 
-from lora_kernels.variants import lora  # noqa: F401  (registers itself)
+from lora_kernels.variants import dora, lora  # noqa: F401  (each registers itself)
 from lora_kernels.variants.base import VARIANTS, Variant, register_variant
 
 __all__ = ["VARIANTS", "Variant", "register_variant"]
