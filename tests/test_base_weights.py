@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lora_kernels.base_weights import FORMATS, DenseWeight, FP4Weight, NF4Weight, as_base_weight
+from lora_kernels.base_weights import FORMATS, DenseWeight, FP4Weight, NF4Weight, as_base_weight, nf4
 from tests.helpers import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -104,11 +104,15 @@ def bnb_dequantize(layer, blocksize):
     return compute(weight.data.reshape(-1), absmax, state.code, blocksize, (n, k), state.dtype)
 
 
-@pytest.fixture(params=[None, "one"], ids=["tiles", "one-tile"])
+@pytest.fixture(params=["tiles", "one-tile", "small-chunks"])
 def tiling(request, monkeypatch):
-    """Default tiling (small test weights give many tiles) or the whole weight as one tile."""
-    if request.param == "one":
-        monkeypatch.setattr(NF4Weight, "_tile_budget", lambda self: self.shape[0] * self.shape[1])
+    """The default tiling (small test weights give several tiles, each decoded in one chunk), the
+    whole weight as one tile, or chunks of 100 elements (chunks start mid-block and mid-byte)."""
+    if request.param == "one-tile":
+        monkeypatch.setattr(NF4Weight, "_tile_rows", lambda self: self.shape[0])
+        monkeypatch.setattr(NF4Weight, "_slab_blocks", lambda self: self.shape[1] // self.blocksize)
+    elif request.param == "small-chunks":
+        monkeypatch.setattr(nf4, "CHUNK", 100)
     return request.param
 
 

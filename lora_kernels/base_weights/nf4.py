@@ -47,8 +47,12 @@ from lora_kernels.base_weights.base import BaseWeight, register_format
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the blocksizes bitsandbytes' quantize_4bit / dequantize_4bit accept (0.48 - 0.50)
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# most elements of W₀ one tile dequantizes (see the module docstring for the memory bound)
-TILE_ELEMS = 1 << 19
+# Bytes of one tile of W₀ in the compute dtype (also at most N/16 rows): large tiles keep the
+# GEMMs efficient; see the module docstring for the memory bound.
+TILE_BYTES = 4 << 20
+# Elements decoded per step into float32 scratch (an int32 index and an int64 value buffer,
+# 768 KiB: cache-resident) before they are scaled into the tile; a multiple of every blocksize.
+CHUNK = 1 << 17
 # attribute of a Params4bit that holds its cached 4-bit base weight (see `from_bnb_cached`)
 _CACHE_ATTR = "_lora_kernels_base_weight"
 
@@ -147,10 +151,9 @@ class NF4Weight(BaseWeight):
         n, k = self._shape
         if not 0 <= n0 <= n1 <= n:
             raise ValueError(f"dense_rows: need 0 <= n0 <= n1 <= N={n}, got n0={n0}, n1={n1}")
-        if n1 == n0:
-            return torch.empty(0, k, dtype=self._dtype, device=self.device)
-        idx, vals = self._buffers((n1 - n0) * k)
-        return self._decode_flat(n0 * k, n1 * k, idx, vals).view(n1 - n0, k)
+        out = torch.empty(n1 - n0, k, dtype=self._dtype, device=self.device)
+        self._decode_flat(n0 * k, n1 * k, out.view(-1), self._scratch())
+        return out
 
     def row_norms_sq(self) -> Tensor:
         """‖W₀ₙ‖² per row (N,) float32 of the `dtype` values; computed once (W₀ is frozen) and cached."""
@@ -266,14 +269,24 @@ class NF4Weight(BaseWeight):
 
     # --- tiles ----------------------------------------------------------------------------------
 
-    def _tile_budget(self) -> int:
+    def _tile_rows(self) -> int:
+        """Rows per row tile: at most TILE_BYTES of `dtype` and at most N/16 rows (but one row)."""
         n, k = self._shape
-        return min(TILE_ELEMS, n * k // 32)
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return max(1, min(TILE_BYTES // (k * itemsize), n // 16))
 
-    def _buffers(self, elems: int) -> Tuple[Tensor, Tensor]:
-        """Index (int32) and value (int64 = a float32 pair) buffers for a tile of `elems` elements
-        (+1 pair for a tile that starts on an odd element)."""
-        pairs = elems // 2 + 1
+    def _slab_blocks(self) -> int:
+        """Blocks (of `blocksize` columns) per column slab: the same bound as `_tile_rows`."""
+        n, k = self._shape
+        blocks_per_row = k // self.blocksize
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        width = min(TILE_BYTES // (n * self.blocksize * itemsize), blocks_per_row // 16, CHUNK // self.blocksize)
+        return max(1, width)
+
+    def _scratch(self) -> Tuple[Tensor, Tensor]:
+        """Index (int32, one per byte) and value (int64 = a float32 pair) buffers for one chunk
+        (a slab's chunk is at least one block wide)."""
+        pairs = max(CHUNK, self.blocksize) // 2 + 1
         return (
             torch.empty(pairs, dtype=torch.int32, device=self.device),
             torch.empty(pairs, dtype=torch.int64, device=self.device),
@@ -288,33 +301,33 @@ class NF4Weight(BaseWeight):
             self._pair_table = table.view(torch.int64).reshape(256)
         return self._pair_table
 
-    def _dst(self, idx: Tensor, src: Tensor) -> Tensor:
-        """Where a tile's `dtype` values go: float32 in place over `src`; 16-bit into the index
-        buffer (free once the gather is done, and 2 bytes per element as well), shaped like src."""
-        if self._dtype == torch.float32:
-            return src
-        return idx.view(self._dtype)[: src.numel()].view(src.shape)
-
-    def _decode_flat(self, e0: int, e1: int, idx: Tensor, vals: Tensor) -> Tensor:
-        """W₀.flat[e0:e1] in `dtype` (e1 - e0,), a view into the `_buffers` idx/vals."""
-        b0, b1 = e0 // 2, (e1 + 1) // 2
-        nbytes = b1 - b0
-        idx[:nbytes].copy_(self.packed[b0:b1])
+    def _gather(self, packed: Tensor, scratch: Tuple[Tensor, Tensor]) -> Tensor:
+        """The unscaled float32 code values of the bytes `packed` (any shape, B bytes): (2B,)."""
+        idx, vals = scratch
+        nbytes = packed.numel()
+        idx[:nbytes].view(packed.shape).copy_(packed)
         torch.index_select(self._pairs(), 0, idx[:nbytes], out=vals[:nbytes])
-        start = e0 - 2 * b0  # 1 when the range starts on a low nibble
-        src = vals.view(torch.float32)[start : start + e1 - e0]
-        out = self._dst(idx, src)
-        _scale_into(out, src, e0, self.absmax, self.blocksize)
-        return out
+        return vals[:nbytes].view(torch.float32)
+
+    def _decode_flat(self, e0: int, e1: int, out: Tensor, scratch: Tuple[Tensor, Tensor]) -> None:
+        """out (e1 - e0,) in `dtype` = W₀.flat[e0:e1], CHUNK elements at a time."""
+        for c0 in range(e0, e1, CHUNK):
+            c1 = min(c0 + CHUNK, e1)
+            b0 = c0 // 2
+            start = c0 - 2 * b0  # 1 when the chunk starts on a low nibble
+            src = self._gather(self.packed[b0 : (c1 + 1) // 2], scratch)[start : start + c1 - c0]
+            _scale_into(out[c0 - e0 : c1 - e0], src, c0, self.absmax, self.blocksize)
 
     def _row_tiles(self) -> Iterator[Tuple[int, int, Tensor]]:
-        """(n0, n1, rows n0:n1 of W₀ in `dtype`), the tile reused from one step to the next."""
+        """(n0, n1, rows n0:n1 of W₀ in `dtype`), the tile buffer reused from one step to the next."""
         n, k = self._shape
-        rows = max(1, self._tile_budget() // k)
-        idx, vals = self._buffers(min(rows, n) * k)
+        rows = self._tile_rows()
+        tile, scratch = torch.empty(rows * k, dtype=self._dtype, device=self.device), self._scratch()
         for n0 in range(0, n, rows):
             n1 = min(n0 + rows, n)
-            yield n0, n1, self._decode_flat(n0 * k, n1 * k, idx, vals).view(n1 - n0, k)
+            out = tile[: (n1 - n0) * k]
+            self._decode_flat(n0 * k, n1 * k, out, scratch)
+            yield n0, n1, out.view(n1 - n0, k)
 
     def _col_slabs(self) -> Iterator[Tuple[int, int, Tensor]]:
         """(k0, k1, columns k0:k1 of W₀ (N, k1 - k0) in `dtype`), for K % blocksize == 0: a row's
@@ -323,20 +336,20 @@ class NF4Weight(BaseWeight):
         n, k = self._shape
         bs = self.blocksize
         blocks_per_row = k // bs
-        width_blocks = max(1, min(blocks_per_row, self._tile_budget() // (n * bs)))
-        idx, vals = self._buffers(n * width_blocks * bs)
+        width = self._slab_blocks()
+        tile, scratch = torch.empty(n * width * bs, dtype=self._dtype, device=self.device), self._scratch()
         packed2d = self.packed.view(n, k // 2)
         absmax2d = self.absmax.view(n, blocks_per_row)
-        for j0 in range(0, blocks_per_row, width_blocks):
-            j1 = min(j0 + width_blocks, blocks_per_row)
+        for j0 in range(0, blocks_per_row, width):
+            j1 = min(j0 + width, blocks_per_row)
             k0, k1 = j0 * bs, j1 * bs
-            nbytes = n * (k1 - k0) // 2
-            idx[:nbytes].view(n, (k1 - k0) // 2).copy_(packed2d[:, k0 // 2 : k1 // 2])
-            torch.index_select(self._pairs(), 0, idx[:nbytes], out=vals[:nbytes])
-            src = vals.view(torch.float32)[: n * (k1 - k0)].view(n, j1 - j0, bs)
-            out = self._dst(idx, src)
-            torch.mul(src, absmax2d[:, j0:j1, None], out=out)
-            yield k0, k1, out.view(n, k1 - k0)
+            slab = tile[: n * (k1 - k0)].view(n, j1 - j0, bs)
+            rows = max(1, CHUNK // (k1 - k0))
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                src = self._gather(packed2d[r0:r1, k0 // 2 : k1 // 2], scratch).view(r1 - r0, j1 - j0, bs)
+                torch.mul(src, absmax2d[r0:r1, j0:j1, None], out=slab[r0:r1])
+            yield k0, k1, slab.view(n, k1 - k0)
 
 
 @register_format
