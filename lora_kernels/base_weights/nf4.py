@@ -21,13 +21,14 @@ Layout (the contract the Triton kernels read; it is bitsandbytes' own layout):
 dtype_index indexes `COMPUTE_DTYPES` = (float32, float16, bfloat16).
 
 Products work tile by tile and never hold the dequantized N x K weight: row tiles for
-``y += x·W₀ᵀ`` and `dense_rows`; for ``dX += dY·W₀`` column slabs (each dX column written once,
-one rounding in 16-bit) when K % blocksize == 0, else row tiles (16-bit then accumulates in a
-float32 (M, K) buffer so dX is still rounded once). A tile's temporaries are 6 bytes per element
-(int32 byte indices, 2 B per element, and float32 values, 4 B; a 16-bit tile reuses the index
-buffer), and a tile holds at most min(2^19, N*K/32) elements (but at least one row, or one
-blocksize-wide column slab): 3 MiB for a 4096 x 4096 weight, under 1/8 of it dequantized in
-fp32 (64 MiB) or 16-bit (32 MiB).
+``y += x·W₀ᵀ``, `row_norms_sq` and `dense_rows`; for ``dX += dY·W₀`` column slabs (each dX
+column written once, one rounding in 16-bit) when K % blocksize == 0, else row tiles (16-bit then
+accumulates in a float32 (M, K) buffer so dX is still rounded once). A tile holds at most
+`TILE_BYTES` (4 MiB) of `dtype` and at most N/16 rows (K/16 columns for a slab), but at least
+one row (one block-wide slab); it is filled `CHUNK` (2^17) elements at a time through 768 KiB of
+float32 scratch. Peak extra memory of one product is one tile + the scratch: 4.75 MiB for a
+4096 x 4096 weight in fp32 (1/13 of its 64 MiB dequantized) and 2.75 MiB in 16-bit (1/12 of
+32 MiB).
 
 Note (bitsandbytes 0.50 on CPUs with AVX-512, blocksize < 2048): its C dequantization indexes
 absmax per row as ``n*(K // blocksize) + k // blocksize``, which disagrees with its own quantizer
@@ -198,9 +199,7 @@ class NF4Weight(BaseWeight):
         if blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"quant_state.blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
         if weight.dtype != torch.uint8:
-            raise ValueError(
-                f"quant_storage (the packed weight's dtype) must be torch.uint8, got {weight.dtype}"
-            )
+            raise ValueError(f"quant_storage (the packed weight's dtype) must be torch.uint8, got {weight.dtype}")
         shape = tuple(state.shape) if state.shape is not None else ()
         if len(shape) != 2:
             raise ValueError(f"quant_state.shape must be 2-D (N, K), got {shape}")
@@ -216,8 +215,8 @@ class NF4Weight(BaseWeight):
         if not isinstance(code, Tensor) or code.shape != (16,) or not code.is_floating_point():
             raise ValueError(f"quant_state.code must be a float tensor of 16 values, got {code!r}")
         if compute_dtype is None:
-            compute_dtype = getattr(module if module is not None else getattr(weight, "module", None), "compute_dtype", None)
-            compute_dtype = compute_dtype or state.dtype
+            layer = module if module is not None else getattr(weight, "module", None)
+            compute_dtype = getattr(layer, "compute_dtype", None) or state.dtype
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32, float16 or bfloat16, got {compute_dtype}")
         absmax = cls._absmax_of(state)
@@ -227,7 +226,9 @@ class NF4Weight(BaseWeight):
                 f"quant_state.absmax has {absmax.numel()} values, expected ceil(N*K / blocksize) = {nblocks} "
                 f"for shape {shape} and blocksize {blocksize}"
             )
-        return _CLASSES[quant_type](packed.contiguous(), absmax, code.float().contiguous(), blocksize, (n, k), compute_dtype)
+        return _CLASSES[quant_type](
+            packed.contiguous(), absmax, code.float().contiguous(), blocksize, (n, k), compute_dtype
+        )
 
     @classmethod
     def from_bnb_cached(cls, weight, compute_dtype: Optional[torch.dtype] = None) -> NF4Weight:
