@@ -25,10 +25,9 @@ Products work tile by tile and never hold the dequantized N x K weight: row tile
 column written once, one rounding in 16-bit) when K % blocksize == 0, else row tiles (16-bit then
 accumulates in a float32 (M, K) buffer so dX is still rounded once). A tile holds at most
 `TILE_BYTES` (4 MiB) of `dtype` and at most N/16 rows (K/16 columns for a slab), but at least
-one row (one block-wide slab); it is filled `CHUNK` (2^17) elements at a time through 768 KiB of
-float32 scratch. Peak extra memory of one product is one tile + the scratch: 4.75 MiB for a
-4096 x 4096 weight in fp32 (1/13 of its 64 MiB dequantized) and 2.75 MiB in 16-bit (1/12 of
-32 MiB).
+one row (one block-wide slab); it is filled `CHUNK` (2^15) elements at a time through 192 KiB of
+scratch. Peak extra memory of one product is one tile + the scratch: 4.2 MiB for a 4096 x 4096
+weight in fp32 (1/15 of its 64 MiB dequantized) and 2.2 MiB in 16-bit (1/15 of 32 MiB).
 
 Note (bitsandbytes 0.50 on CPUs with AVX-512, blocksize < 2048): its C dequantization indexes
 absmax per row as ``n*(K // blocksize) + k // blocksize``, which disagrees with its own quantizer
@@ -52,8 +51,10 @@ SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # GEMMs efficient; see the module docstring for the memory bound.
 TILE_BYTES = 4 << 20
 # Elements decoded per step into float32 scratch (an int32 index and an int64 value buffer,
-# 768 KiB: cache-resident) before they are scaled into the tile; a multiple of every blocksize.
-CHUNK = 1 << 17
+# 192 KiB) before they are scaled into the tile. At or below torch's intra-op grain size (32768)
+# each decode op runs on the calling thread: a parallel region per small op cost more than it
+# saved with 2 threads, and 5-20x more on a loaded machine (measured), while the GEMMs stay parallel.
+CHUNK = 1 << 15
 # attribute of a Params4bit that holds its cached 4-bit base weight (see `from_bnb_cached`)
 _CACHE_ATTR = "_lora_kernels_base_weight"
 
@@ -90,8 +91,8 @@ class NF4Weight(BaseWeight):
         self.packed = packed
         self.absmax = absmax
         self.code = code
-        self.blocksize = int(blocksize)
-        self._shape = (int(shape[0]), int(shape[1]))
+        self.blocksize = blocksize
+        self._shape = (shape[0], shape[1])  # no int(): under torch.compile these may be SymInts
         self._dtype = dtype
         self._pair_table: Optional[Tensor] = None
         self._row_norms: Optional[Tensor] = None
