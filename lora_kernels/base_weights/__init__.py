@@ -12,8 +12,18 @@ from torch import Tensor
 
 from lora_kernels.base_weights.base import FORMATS, ROW_BLOCK, BaseWeight, register_format
 from lora_kernels.base_weights.dense import DenseWeight
+from lora_kernels.base_weights.nf4 import FP4Weight, NF4Weight
 
-__all__ = ["BaseWeight", "DenseWeight", "FORMATS", "ROW_BLOCK", "as_base_weight", "register_format"]
+__all__ = [
+    "BaseWeight",
+    "DenseWeight",
+    "FORMATS",
+    "FP4Weight",
+    "NF4Weight",
+    "ROW_BLOCK",
+    "as_base_weight",
+    "register_format",
+]
 
 
 def as_base_weight(weight: Union[Tensor, BaseWeight]) -> BaseWeight:
