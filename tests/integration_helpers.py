@@ -129,19 +129,24 @@ def mirror_peft_dropouts(model, seeds):
 
 
 class FusedCalls:
-    """Counts the calls an integration module makes to `lora_linear` (so a test can tell the fused
-    path from a delegation to the framework's own forward)."""
+    """Counts the calls the integrations make to the fused op (`adapter.fused_op`), so a test can
+    tell the fused path from a delegation to the framework's own forward; `variants` lists the
+    variant of each call."""
 
-    def __init__(self, monkeypatch, integration_module):
-        self.count = 0
-        original = integration_module.lora_linear
+    def __init__(self, monkeypatch):
+        from lora_kernels.integrations import adapter
 
-        def counting(*args, **kwargs):
+        self.count, self.variants = 0, []
+        original = adapter.fused_op
+
+        def counting(variant, *args, **kwargs):
             self.count += 1
-            return original(*args, **kwargs)
+            self.variants.append(variant)
+            return original(variant, *args, **kwargs)
 
-        monkeypatch.setattr(integration_module, "lora_linear", counting)
+        monkeypatch.setattr(adapter, "fused_op", counting)
 
     def take(self):
         count, self.count = self.count, 0
+        self.variants = []
         return count
