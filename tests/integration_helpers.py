@@ -5,11 +5,11 @@ and the dropout mirror that lets an unpatched model reproduce the fused op's mas
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
 
-import lora_kernels.ops
 from lora_kernels.dropout import draw_seed, dropout_multiplier
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,7 +89,8 @@ def twin(model):
 
 
 class SeedRecorder:
-    """Stands in for `lora_kernels.ops.draw_seed`: draws the same seeds and remembers them in order."""
+    """Stands in for `lora_kernels.dropout.draw_seed` wherever lora_kernels imported it (the op,
+    the variants): draws the same seeds and remembers them in order."""
 
     def __init__(self):
         self.seeds = []
@@ -100,7 +101,9 @@ class SeedRecorder:
         return seed
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(lora_kernels.ops, "draw_seed", self)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("lora_kernels") and getattr(module, "draw_seed", None) is draw_seed:
+                monkeypatch.setattr(module, "draw_seed", self)
         return self
 
 
@@ -112,6 +115,8 @@ class MirrorDropout(nn.Module):
         self.p, self.seeds = p, seeds
 
     def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
         k = x.shape[-1]
         d = dropout_multiplier(self.seeds.pop(0), x.numel() // k, k, self.p, x.dtype, x.device)
         return x * d.reshape(x.shape)
@@ -125,7 +130,7 @@ def mirror_peft_dropouts(model, seeds):
         if isinstance(module, LoraLayer):
             for name, dropout in list(module.lora_dropout.items()):
                 if isinstance(dropout, nn.Dropout):
-                    module.lora_dropout[name] = MirrorDropout(dropout.p, seeds)
+                    module.lora_dropout[name] = MirrorDropout(dropout.p, seeds).train(dropout.training)
 
 
 class FusedCalls:

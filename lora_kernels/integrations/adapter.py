@@ -190,8 +190,9 @@ def fused_forward(module: nn.Module, x, *args, **kwargs):
 def fused_op(variant: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, extra):
     """One call of the variant's served form (plain LoRA: `lora_linear`); the one place the
     integrations enter the op (tests count calls here)."""
-    return VARIANTS[variant].apply(
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training=dropout_p > 0.0, backend=backend, **extra
+    return VARIANTS[variant].apply(  # by keyword: a variant's own parameters may sit anywhere in its signature
+        x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scaling=scaling, dropout_p=dropout_p,
+        training=dropout_p > 0.0, backend=backend, **extra,
     )
 
 
@@ -215,7 +216,8 @@ def compute_dtype(call: LayerCall, cast_adapters: bool) -> Optional[torch.dtype]
     """The one dtype of the fused call, or None where the framework's dtype rules cannot be met.
 
     Under `torch.autocast`: the autocast dtype (what the framework's linears compute in), all
-    operands castable; a quantized base must compute in it already. Otherwise the base's dtype;
+    operands castable; a quantized base must compute in it already; plain LoRA only (PEFT's and
+    torchtune's DoRA mix fp32 and the autocast dtype). Otherwise the base's dtype;
     x must have it unless the framework casts x; adapters of another dtype only with
     `cast_adapters` (and the framework allowing it)."""
     x, weight, bias = call.x, call.weight, call.bias
@@ -224,6 +226,8 @@ def compute_dtype(call: LayerCall, cast_adapters: bool) -> Optional[torch.dtype]
     operands = [x, bias] + ([] if quantized else [weight]) + adapter_tensors
     autocast = common.autocast_dtype(x)
     if autocast is not None:
+        if any(a.variant != "lora" for a in call.adapters):
+            return None  # the frameworks compute a variant's own maths (DoRA's norm, m) outside autocast's dtype
         if any(t is not None and t.dtype not in common.AUTOCAST_DTYPES for t in operands):
             return None
         if quantized and (weight.dtype != autocast or (bias is not None and bias.dtype != autocast)):

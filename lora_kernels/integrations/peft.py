@@ -24,7 +24,8 @@ PEFT semantics reproduced (peft 0.21, `lora.Linear.forward`, `lora.bnb.Linear4bi
 * DoRA (`use_dora=True`, `DoraLinearVariant`): one active DoRA adapter is served by the "dora"
   variant (`lora_kernels.variants`), PEFT's maths: magnitude m, ``c = m / ‖W₀ + s·B·A‖`` (norm
   detached), ``y = x·W₀ᵀ + b + (c − 1)·(x′·W₀ᵀ) + c·s·(x′·Aᵀ)·Bᵀ``, x′ = dropout(x) in training
-  with p > 0, else x. Several active adapters with DoRA among them run PEFT's forward.
+  with p > 0, else x. Several active adapters with DoRA among them, and DoRA under
+  `torch.autocast`, run PEFT's forward (both are in the report's "fused only" lines).
 * QLoRA (`lora.bnb.Linear4bit` on `bitsandbytes.nn.Linear4bit`, NF4/FP4, double quantization or
   not): the base is the packed 4-bit weight as a `BaseWeight` (built once per frozen weight and
   cached on it), dequantized tile by tile. bitsandbytes' dtype rules: its compute dtype (the
@@ -75,6 +76,10 @@ try:  # QLoRA: PEFT's 4-bit LoRA layer exists only with bitsandbytes
 except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - no (working) bitsandbytes
     bnb = LoraLinear4bit = None
 
+DORA_AUTOCAST_CONDITION = (
+    "without torch.autocast: DoRA under autocast runs PEFT's forward (it computes the magnitude scale in fp32 and "
+    "the LoRA term in the autocast dtype, which one fused call does not reproduce)"
+)
 _KNOWN_KWARGS = frozenset(("adapter_names", *_VARIANT_KWARGS))
 _QUANT_TYPES = ("nf4", "fp4")
 
@@ -172,8 +177,10 @@ def _base_dtype(module: LoraLayer) -> torch.dtype:
 def _conditions(module: LoraLayer, cast_adapters: bool) -> List[str]:
     """When a patchable layer is fused only under a condition (the report's "fused only" lines)."""
     conditions = []
-    if module.lora_variant and len(module.lora_A) > 1:
-        conditions.append("while one adapter is active (several active adapters with DoRA among them run PEFT's forward)")
+    if module.lora_variant:
+        conditions.append(DORA_AUTOCAST_CONDITION)
+        if len(module.lora_A) > 1:
+            conditions.append("while one adapter is active (several active adapters with DoRA among them run PEFT's forward)")
     base_dtype = _base_dtype(module)
     params = [p for name in module.lora_A for m in (module.lora_A[name], module.lora_B[name]) for p in m.parameters()]
     params += [module.lora_magnitude_vector[name].weight for name in module.lora_variant]

@@ -78,9 +78,12 @@ def _static_reason(module: nn.Module, fsdp2: bool = False) -> Optional[str]:
 
 
 def _conditions(module: nn.Module, cast_adapters: bool) -> List[str]:
-    if type(module) is DoRALinear and type(module.dropout) is nn.Dropout and module.dropout.p > 0.0:
-        return [DORA_DROPOUT_CONDITION]
-    return []
+    if type(module) is not DoRALinear:
+        return []
+    conditions = ["without torch.autocast: torchtune's DoRA under autocast mixes fp32 and the autocast dtype"]
+    if type(module.dropout) is nn.Dropout and module.dropout.p > 0.0:
+        conditions.append(DORA_DROPOUT_CONDITION)
+    return conditions
 
 
 def _describe(self: nn.Module, x, args, kwargs) -> Optional[LayerCall]:
