@@ -17,7 +17,6 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 import lora_kernels  # noqa: E402
 from lora_kernels.dropout import draw_seed  # noqa: E402
 from lora_kernels.integrations import _common  # noqa: E402
-from lora_kernels.integrations import peft as peft_integration  # noqa: E402
 from lora_kernels.reference import lora_linear_eager  # noqa: E402
 from integration_helpers import (  # noqa: E402
     LLAMA_PROJECTIONS,

@@ -23,7 +23,6 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import lora_kernels  # noqa: E402
 from lora_kernels.base_weights import FORMATS  # noqa: E402
-from lora_kernels.integrations import adapter  # noqa: E402
 from lora_kernels.variants import VARIANTS  # noqa: E402
 from integration_helpers import (  # noqa: E402
     FusedCalls,

@@ -18,7 +18,6 @@ except Exception as exc:  # ImportError, or torchao failing against this torch
 
 import lora_kernels  # noqa: E402
 from lora_kernels.integrations import _common  # noqa: E402
-from lora_kernels.integrations import torchtune as tt_integration  # noqa: E402
 from integration_helpers import (  # noqa: E402
     FusedCalls,
     MirrorDropout,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -285,7 +285,3 @@ def run(call: LayerCall, state: common.PatchState) -> Optional[Tensor]:
         result = result.to(result_dtype)
     return result
 
-
-def dtypes_of(tensors: Sequence[Tensor]) -> str:
-    """"fp32/bf16"-style names of the tensors' dtypes (report text)."""
-    return "/".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors}))
