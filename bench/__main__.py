@@ -8,7 +8,9 @@ quartiles of the per-round ratios) and the saved-activation bytes; writes JSON a
 and, with --plot, a PNG of the ratios (`python -m bench.plot <json>` redraws it).
 
 Sets (--set): cpu (default on a CPU: ~2 min on 2 cores), cpu-full (--full: the README's table,
-~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick.
+~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick,
+qlora (PEFT's 4-bit QLoRA layer: base = the frozen NF4 layer, peft, patched; plus the peak
+memory of one fwd+bwd, `peak_bytes` in the JSON).
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import re
 import torch
 
 import lora_kernels
+from bench import qlora
 from bench.cases import SETS, BenchSet, Case, parse_shape, providers
 from bench.harness import device_name, saved_activation_bytes, time_interleaved, versions
 from bench.progress import Progress
-from bench.report import below_one_warnings, ratio_stats, summarize_times, table_header, table_row
+from bench.report import below_one_warnings, peak_line, ratio_stats, summarize_times, table_header, table_row
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 MODES = ("fwd", "fwd+bwd")
-REFERENCE_SETS = ("cpu-full", "gpu")  # their JSON keeps the plain <device>-<type>-<dtype>.json name
+REFERENCE_SETS = ("cpu-full", "gpu")
+PROVIDERS = {"lora": providers, "qlora": qlora.providers}  # BenchSet.kind -> its providers  # their JSON keeps the plain <device>-<type>-<dtype>.json name
 
 
 def parse_args(argv=None):
@@ -133,8 +137,12 @@ def main(argv=None) -> dict:
     for case in cases:
         reps = bench_set.reps_for(case.m)
         progress.set_label(f"{case.name} set-up")
-        provs = providers(case, backends, with_peft=not args.no_peft)
+        provs = PROVIDERS[bench_set.kind](case, backends, with_peft=not args.no_peft)
+        if not provs:
+            print(f"# {case.name}: skipped, the {bench_set.kind} providers need packages not installed here")
+            continue
         saved = {name: saved_activation_bytes(pv.forward, pv.params, pv.shared_input) for name, pv in provs.items()}
+        peaks = {name: qlora.peak_memory(pv) for name, pv in provs.items()} if bench_set.kind == "qlora" else None
         for mode in MODES:
             progress.set_label(f"{case.name} {mode}")
             fns = {name: (pv.forward if mode == "fwd" else pv.forward_backward) for name, pv in provs.items()}
@@ -145,12 +153,17 @@ def main(argv=None) -> dict:
                 "ratios": {"vs_base": ratio_stats(samples, "base"), "vs_peft": ratio_stats(samples, "peft", skip=("base",))},
                 "saved_bytes": saved,
             }
+            if peaks is not None:
+                row["peak_bytes"] = peaks
+                row["dequantized_weight_bytes"] = qlora.dequantized_bytes(case)
             result["rows"].append(row)
             write_json(out, result)
             if not header_printed:
                 progress.note(table_header(list(row["times"])))
                 header_printed = True
             progress.note(table_row(row))
+            if peaks is not None and mode == "fwd+bwd":
+                progress.note(peak_line(peaks, row["dequantized_weight_bytes"]))
         del provs, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()

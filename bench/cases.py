@@ -27,6 +27,7 @@ class BenchSet:
     reps: int
     small_reps: int
     about: str
+    kind: str = "lora"  # which providers: "lora" (this module's), "qlora" (bench/qlora.py)
 
     def reps_for(self, m: int) -> int:
         return self.small_reps if m <= 64 else self.reps
@@ -47,6 +48,11 @@ SETS = {
         "Llama-8B-sized layers and decode (M = 1, 16): base vs PEFT vs triton vs cuda, ~5 min on an H100",
     ),
     "quick": BenchSet("quick", "any", "fp32", ((256, 512, 512),), (16,), (0.0, 0.1), 5, 5, "a smoke test, seconds"),
+    "qlora": BenchSet(
+        "qlora", "cpu", "fp32", ((512, 4096, 4096),), (16,), (0.1,), 10, 10,
+        "PEFT's QLoRA layer (NF4, double quant, fp32 compute) vs the frozen 4-bit base and patched, "
+        "with peak fwd+bwd memory; ~3 min on 2 cores", kind="qlora",
+    ),
 }
 
 @dataclass

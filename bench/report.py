@@ -137,3 +137,11 @@ def below_one_warnings(rows: List[dict]) -> List[str]:
         "work and more, so these are noise (other load on the machine, clock changes): rerun on a quiet "
         "machine or with more --reps before reading anything into them."
     ] + found
+
+
+def peak_line(peaks: dict, dequantized_bytes: int) -> str:
+    """The peak-memory line of a QLoRA row: per provider, the peak of one fwd+bwd beyond its
+    outputs (y and grad_x), against 1/8 of the dequantized base weight."""
+    shown = " / ".join(f"{name} {p['extra'] / MIB:.2f}" for name, p in peaks.items())
+    return (f"  peak extra MiB (fwd+bwd peak - y - grad_x; torch.profiler memory timeline): {shown}; "
+            f"1/8 of the dequantized weight = {dequantized_bytes / 8 / MIB:.2f}")

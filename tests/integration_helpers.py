@@ -10,8 +10,11 @@ import sys
 import torch
 from torch import nn
 
+import lora_kernels
 from lora_kernels.dropout import draw_seed, dropout_multiplier
 
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)
+CPU_BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,6 +70,37 @@ def run_llama(model, ids, backward=True):
         return out.logits.detach(), {}
     out.loss.backward()
     return out.logits.detach(), trainable_grads(model)
+
+
+def run_layer(model, x, params_of=None):
+    """(y, {param name: grad} + {"x": grad}) of sum(y²) through `model` (grads of `params_of`'s parameters)."""
+    params_of = model if params_of is None else params_of
+    params_of.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad.clone()
+    return y.detach(), grads
+
+
+def assert_runs_match(fused, ref, x, what="y", tol=FP32_TOL):
+    """run_layer of the patched `fused` equals that of `ref` (output and every gradient)."""
+    y_ref, g_ref = run_layer(ref, x)
+    y, g = run_layer(fused, x)
+    assert_tensors_close(y, y_ref, **tol, what=what)
+    assert_grads_close(g, g_ref, **tol)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_error_like_peft(actual, peft_result, exact, what, slack=1e-2):
+    """The patched result's error against `exact` is at most ~2x PEFT's own (error-ratio test)."""
+    assert max_err(actual, exact) <= 2 * max_err(peft_result, exact) + slack, (
+        f"{what}: patched err {max_err(actual, exact):.3g} vs PEFT err {max_err(peft_result, exact):.3g}"
+    )
 
 
 def assert_tensors_close(actual, expected, atol, rtol, what=""):

@@ -180,7 +180,9 @@ def _conditions(module: LoraLayer, cast_adapters: bool) -> List[str]:
     if module.lora_variant:
         conditions.append(DORA_AUTOCAST_CONDITION)
         if len(module.lora_A) > 1:
-            conditions.append("while one adapter is active (several active adapters with DoRA among them run PEFT's forward)")
+            conditions.append(
+                "while one adapter is active (several active adapters with DoRA among them run PEFT's forward)"
+            )
     base_dtype = _base_dtype(module)
     params = [p for name in module.lora_A for m in (module.lora_A[name], module.lora_B[name]) for p in m.parameters()]
     params += [module.lora_magnitude_vector[name].weight for name in module.lora_variant]
@@ -295,9 +297,8 @@ def _describe(layer: LoraLayer, x, args, kwargs) -> Optional[LayerCall]:
         autocast = common.autocast_dtype(x)
         lora_dtype = autocast or (adapters[0].lora_A.dtype if adapters else x.dtype)
         out_dtype = x.dtype if convert else torch.promote_types(x.dtype, lora_dtype)
-    return LayerCall(
-        x, weight, bias, adapters, cast_x=qlora, adapter_cast_ok=getattr(layer, "cast_input_dtype_enabled", True), out_dtype=out_dtype
-    )
+    cast_ok = getattr(layer, "cast_input_dtype_enabled", True)
+    return LayerCall(x, weight, bias, adapters, cast_x=qlora, adapter_cast_ok=cast_ok, out_dtype=out_dtype)
 
 
 def _device_weight(layer: LoraLayer) -> Optional[torch.Tensor]:
@@ -312,15 +313,6 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-FRAMEWORK = register(
-    Framework(
-        name="peft",
-        is_layer=_is_layer,
-        static_reason=_static_reason,
-        conditions=_conditions,
-        describe=_describe,
-        device_weight=_device_weight,
-    )
-)
+FRAMEWORK = register(Framework("peft", _is_layer, _static_reason, _conditions, _describe, _device_weight))
 
 plan, apply, patch, unpatch = FRAMEWORK.plan, FRAMEWORK.apply, FRAMEWORK.patch, FRAMEWORK.unpatch

@@ -112,15 +112,6 @@ def _device_weight(self: nn.Module) -> Optional[torch.Tensor]:
     return self.weight
 
 
-FRAMEWORK = register(
-    Framework(
-        name="torchtune",
-        is_layer=_is_layer,
-        static_reason=_static_reason,
-        conditions=_conditions,
-        describe=_describe,
-        device_weight=_device_weight,
-    )
-)
+FRAMEWORK = register(Framework("torchtune", _is_layer, _static_reason, _conditions, _describe, _device_weight))
 
 plan, apply, patch, unpatch = FRAMEWORK.plan, FRAMEWORK.apply, FRAMEWORK.patch, FRAMEWORK.unpatch
