@@ -92,6 +92,19 @@ def assert_runs_match(fused, ref, x, what="y", tol=FP32_TOL):
     assert_grads_close(g, g_ref, **tol)
 
 
+def assert_fused_only_under_autocast(fused, ref, x, fused_calls, calls, dtype, tol):
+    """Without autocast the patched `fused` runs `ref`'s own forward (bit-identical, no fused call);
+    under torch.autocast(bf16) it makes `calls` fused calls, with ref's output dtype `dtype`, close to ref."""
+    assert torch.equal(fused(x), ref(x))
+    assert fused_calls.take() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, _ = run_layer(ref, x)
+        y, _ = run_layer(fused, x)
+    assert fused_calls.take() == calls
+    assert y.dtype == y_ref.dtype == dtype
+    assert_tensors_close(y, y_ref, **tol, what="autocast")
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 

@@ -25,6 +25,7 @@ from integration_helpers import (  # noqa: E402
     FusedCalls,
     SeedRecorder,
     assert_error_like_peft,
+    assert_fused_only_under_autocast,
     assert_grads_close,
     assert_runs_match,
     assert_tensors_close,
@@ -265,14 +266,7 @@ def test_fp32_adapters_on_bf16_base_fused_under_autocast_or_cast_when_asked(fuse
     assert report.num_patched == 2 and report.num_kept == 0
     assert "under torch.autocast" in next(iter(report.conditional)) and "fused only 2" in str(report)
     x = torch.randn(4, 32, dtype=torch.bfloat16)
-    assert torch.equal(plain(x), ref(x))
-    assert fused_calls.take() == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_exact, _ = run_layer(ref, x)
-        y, _ = run_layer(plain, x)
-    assert fused_calls.take() == 2
-    assert y.dtype == y_exact.dtype == torch.bfloat16
-    assert_tensors_close(y, y_exact, atol=2e-2, rtol=2e-2, what="autocast")
+    assert_fused_only_under_autocast(plain, ref, x, fused_calls, 2, torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
     cast = twin(ref)
     assert lora_kernels.patch(cast, cast_adapters=True).num_patched == 2
     exact = twin(ref).double()

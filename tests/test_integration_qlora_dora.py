@@ -24,21 +24,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import lora_kernels  # noqa: E402
 from lora_kernels.base_weights import FORMATS  # noqa: E402
 from lora_kernels.variants import VARIANTS  # noqa: E402
-from integration_helpers import (  # noqa: E402
-    CPU_BACKENDS,
-    FP32_TOL,
-    FusedCalls,
-    SeedRecorder,
-    assert_error_like_peft,
-    assert_grads_close,
-    assert_tensors_close,
-    mirror_peft_dropouts,
-    peft_llama,
-    run_layer,
-    run_llama,
-    token_batch,
-    twin,
-)
+import integration_helpers as helpers  # noqa: E402
+from integration_helpers import FP32_TOL, assert_grads_close, assert_tensors_close, run_layer, twin  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -58,7 +45,7 @@ MODES = ["p0", "eval", "dropout"]  # p = 0 in training, eval mode (p > 0 configu
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch)
+    return helpers.FusedCalls(monkeypatch)
 
 
 def _serves_4bit(backend: str):
@@ -77,7 +64,7 @@ def _serves_4bit(backend: str):
     return None
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=helpers.CPU_BACKENDS)
 def backend4bit(request):
     reason = _serves_4bit(request.param)
     if reason is not None:
@@ -92,9 +79,9 @@ def with_mode(model, mode):
 
 def same_masks_run(monkeypatch, fused, ref, x, run=run_layer):
     """Run the patched `fused`, then `ref` (unpatched PEFT) with the masks the fused calls drew."""
-    recorder = SeedRecorder().install(monkeypatch)
+    recorder = helpers.SeedRecorder().install(monkeypatch)
     got = run(fused, x)
-    mirror_peft_dropouts(ref, list(recorder.seeds))
+    helpers.mirror_peft_dropouts(ref, list(recorder.seeds))
     return got, run(ref, x), recorder.seeds
 
 
@@ -191,23 +178,18 @@ def test_qlora_bf16_compute_and_fp32_adapters(fused_calls, backend4bit):
     y, g = run_layer(fused, x)
     assert fused_calls.take() == 1
     assert y.dtype == y_ref.dtype == torch.float32
-    assert_error_like_peft(y, y_ref, y_exact, "y", slack=1e-3 * y_exact.abs().max().item())
+    helpers.assert_error_like_peft(y, y_ref, y_exact, "y", slack=1e-3 * y_exact.abs().max().item())
     for name in g_ref:
         assert g[name].dtype == g_ref[name].dtype
-        assert_error_like_peft(g[name], g_ref[name], g_exact[name], name, slack=1e-3 * g_exact[name].abs().max().item())
+        slack = 1e-3 * g_exact[name].abs().max().item()
+        helpers.assert_error_like_peft(g[name], g_ref[name], g_exact[name], name, slack=slack)
 
     ref32 = peft_qlora(compute_dtype=torch.bfloat16, adapter_dtype=torch.float32)
     plain = twin(ref32)
     report = lora_kernels.patch(plain, backend=backend4bit)
     assert report.num_patched == 1 and "under torch.autocast" in next(iter(report.conditional)), str(report)
-    assert torch.equal(plain(x), ref32(x))
-    assert fused_calls.take() == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ref, _ = run_layer(ref32, x)
-        y, _ = run_layer(plain, x)
-    assert fused_calls.take() == 1
-    assert y.dtype == y_ref.dtype == torch.float32  # PEFT casts the LoRA term back (CUDA autocast flag off)
-    assert_tensors_close(y, y_ref, atol=5e-2, rtol=5e-2, what="autocast")
+    # fp32 out under autocast: PEFT casts the LoRA term back (it reads the CUDA autocast flag, off here)
+    helpers.assert_fused_only_under_autocast(plain, ref32, x, fused_calls, 1, torch.float32, dict(atol=5e-2, rtol=5e-2))
     cast = twin(ref32)
     lora_kernels.patch(cast, cast_adapters=True, backend=backend4bit)
     y, g = run_layer(cast, x)
@@ -271,13 +253,13 @@ def test_qlora_dora_equals_peft(monkeypatch, fused_calls, backend4bit, quant_typ
 @needs_dora
 @pytest.mark.parametrize("mode", MODES)
 def test_dora_llama_equals_peft(monkeypatch, fused_calls, mode):
-    ref = with_mode(peft_llama(dropout=0.0 if mode == "p0" else 0.2, use_dora=True), mode)
+    ref = with_mode(helpers.peft_llama(dropout=0.0 if mode == "p0" else 0.2, use_dora=True), mode)
     fused = twin(ref)
     report = lora_kernels.patch(fused, strict=True)
     assert report.num_patched == 14 and report.num_kept == 0, str(report)
-    ids = token_batch()
+    ids = helpers.token_batch()
     (logits, grads), (logits_ref, grads_ref), _ = same_masks_run(
-        monkeypatch, fused, ref, ids, run=lambda m, i: run_llama(m, i)
+        monkeypatch, fused, ref, ids, run=lambda m, i: helpers.run_llama(m, i)
     )
     assert fused_calls.take() == 14 and set(fused_calls.variants) <= {"dora"}
     assert_tensors_close(logits, logits_ref, **FP32_TOL, what="logits")
@@ -315,14 +297,14 @@ def test_dora_single_layer_x_grad_and_bias(monkeypatch, fused_calls, p):
 def test_dora_under_autocast_runs_peft_forward(fused_calls):
     """PEFT's DoRA under autocast computes the magnitude scale in fp32 and the LoRA term in the
     autocast dtype; one fused call in one dtype does not reproduce that, so PEFT's forward runs."""
-    ref = peft_llama(use_dora=True)
+    ref = helpers.peft_llama(use_dora=True)
     fused = twin(ref)
     report = lora_kernels.patch(fused, strict=True)
     assert any("without torch.autocast" in c for c in report.conditional), str(report)
-    ids = token_batch()
+    ids = helpers.token_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits_ref, grads_ref = run_llama(ref, ids)
-        logits, grads = run_llama(fused, ids)
+        logits_ref, grads_ref = helpers.run_llama(ref, ids)
+        logits, grads = helpers.run_llama(fused, ids)
     assert fused_calls.take() == 0
     assert torch.equal(logits, logits_ref)
     assert_grads_close(grads, grads_ref, atol=0, rtol=0)
@@ -330,17 +312,17 @@ def test_dora_under_autocast_runs_peft_forward(fused_calls):
 
 @needs_dora
 def test_several_adapters_with_dora_keep_peft_forward(fused_calls):
-    ref = peft_llama(use_dora=True)
+    ref = helpers.peft_llama(use_dora=True)
     torch.manual_seed(5)
     ref.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], init_lora_weights=False))
     fused = twin(ref)
     report = lora_kernels.patch(fused, strict=True)
     assert report.num_patched == 14
     assert any("one adapter is active" in c for c in report.conditional), str(report)
-    ids = token_batch()
+    ids = helpers.token_batch()
     fused.base_model.set_adapter(["default", "second"]), ref.base_model.set_adapter(["default", "second"])
-    logits, grads = run_llama(fused, ids)
-    logits_ref, grads_ref = run_llama(ref, ids)
+    logits, grads = helpers.run_llama(fused, ids)
+    logits_ref, grads_ref = helpers.run_llama(ref, ids)
     assert fused_calls.take() == 12  # the two q_proj layers hold both adapters: PEFT's forward
     assert_tensors_close(logits, logits_ref, **FP32_TOL, what="logits")
     assert_grads_close(grads, grads_ref, **FP32_TOL)
@@ -348,7 +330,7 @@ def test_several_adapters_with_dora_keep_peft_forward(fused_calls):
 
 def test_dora_without_the_variant_keeps_peft_forward(monkeypatch):
     monkeypatch.delitem(VARIANTS, "dora", raising=False)
-    model = peft_llama(use_dora=True)
+    model = helpers.peft_llama(use_dora=True)
     report = lora_kernels.patch(model)
     assert report.num_patched == 0 and report.num_kept == 14, str(report)
     assert "no 'dora' variant" in next(iter(report.kept))
