@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import lora_kernels
+from lora_kernels.base_weights import DenseWeight
+from lora_kernels.contract import LoRASpec, LoRAWeights
 from lora_kernels.dropout import DROP_ALL_THRESHOLD, draw_seed, dropout_threshold
 from lora_kernels.reference import lora_linear_eager
 from helpers import flat_backward, flat_forward, make_inputs
@@ -169,9 +171,8 @@ def test_p_just_below_the_drop_all_threshold_still_keeps_elements():
     p = 1 - 2**-17 - 1e-9
     assert dropout_threshold(p) == DROP_ALL_THRESHOLD - 1
     x, weight, bias, lora_A, lora_B = make_inputs((4096,), 64, 8, 4, torch.float64, requires_grad=False)
-    xa = lora_A.new_zeros(0)
-    seed = draw_seed("cpu")
-    _, xa = lora_kernels.reference.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+    weights = LoRAWeights(DenseWeight(weight), bias, lora_A, lora_B)
+    _, xa = lora_kernels.backends.BACKENDS["reference"].forward(x, weights, LoRASpec(1.0, p), draw_seed("cpu"))
     assert xa.abs().sum() > 0  # ~4 of the 262144 elements are kept
 
 
