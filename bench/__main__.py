@@ -10,7 +10,7 @@ and, with --plot, a PNG of the ratios (`python -m bench.plot <json>` redraws it)
 Sets (--set): cpu (default on a CPU: ~2 min on 2 cores), cpu-full (--full: the README's table,
 ~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick,
 qlora (PEFT's 4-bit QLoRA layer: base = the frozen NF4 layer, peft, patched; plus the peak
-memory of one fwd+bwd, `peak_bytes` in the JSON).
+memory of one fwd+bwd, `peak_fwd_bwd_bytes` and `peak_extra_bytes` in the JSON).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
                 "saved_bytes": saved,
             }
             if peaks is not None:
-                row["peak_bytes"] = peaks
+                row["peak_fwd_bwd_bytes"] = {name: peak["peak"] for name, peak in peaks.items()}
+                row["peak_extra_bytes"] = {name: peak["extra"] for name, peak in peaks.items()}
                 row["dequantized_weight_bytes"] = qlora.dequantized_bytes(case)
             result["rows"].append(row)
             write_json(out, result)

@@ -116,3 +116,23 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], params, shared_i
         y = forward()
     del y
     return {"total": meter.bytes, "beyond_input": meter.bytes_excluding(shared_input)}
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The peak, over one call of `fn`, of the bytes torch allocated during it and had not yet
+    freed (tensors alive before the call excluded), from torch.profiler's memory timeline (the
+    data behind `export_memory_timeline`: every allocation and free of torch's allocator, inside
+    ops too; buffers a BLAS or bitsandbytes allocates itself are not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak

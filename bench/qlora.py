@@ -18,6 +18,7 @@ from torch import nn
 
 import lora_kernels
 from bench.cases import Case, Provider, _provider, _tensors
+from bench.harness import peak_allocated_bytes
 
 
 class _FourBit(nn.Module):
@@ -77,30 +78,12 @@ def providers(case: Case, backends: List[str], with_peft: bool = True) -> Dict[s
     return out
 
 
-def _timeline_peak(fn) -> int:
-    """Peak bytes of the tensors torch allocated during fn() and still held at any moment (tensors
-    alive before fn excluded), from the profiler's memory timeline (the data behind
-    torch.profiler's export_memory_timeline: every allocation and free of torch's allocator)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
-
-
 def peak_memory(provider: Provider) -> Dict[str, int]:
-    """One forward+backward of `provider` (`forward_backward`): `peak` (bytes, see _timeline_peak),
-    `outputs` (y (M, N) and grad_x (M, K): what every provider holds at the end of its backward)
-    and `extra` = peak - outputs, what the layer's temporaries and saved activations add on top."""
-    peak = _timeline_peak(provider.forward_backward)
+    """One forward+backward of `provider` (`forward_backward`): `peak` (bytes allocated during it and
+    held at once, `harness.peak_allocated_bytes`), `outputs` (y (M, N) and grad_x (M, K): what every
+    provider holds at the end of its backward) and `extra` = peak - outputs, what the layer's
+    temporaries and saved activations add on top."""
+    peak = peak_allocated_bytes(provider.forward_backward)
     with torch.no_grad():
         y = provider.forward()
     x = provider.shared_input
