@@ -362,6 +362,11 @@ def test_torchtune_dora_equals_torchtune(fused_calls, dropout):
     assert report.num_patched == 1
     assert any("in eval mode" in c for c in report.conditional) == (dropout > 0), str(report)
     x = torch.randn(3, 5, 32)
+    fused.eval()
+    fused(x)  # a trainable base weight: DoRA's served form gives W₀ no gradient, torchtune's forward runs
+    assert fused_calls.take() == 0
+    for model in (ref, fused):
+        model[0].weight.requires_grad_(False)
     ref.eval(), fused.eval()
     (y, grads), (y_ref, grads_ref) = run_layer(fused, x), run_layer(ref, x)
     assert fused_calls.variants == ["dora"]

@@ -212,6 +212,10 @@ def _split(adapters: List[AdapterCall]):
     return fused, eager
 
 
+def _trainable(weight) -> bool:
+    return isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled()
+
+
 def compute_dtype(call: LayerCall, cast_adapters: bool) -> Optional[torch.dtype]:
     """The one dtype of the fused call, or None where the framework's dtype rules cannot be met.
 
@@ -252,6 +256,8 @@ def run(call: LayerCall, state: common.PatchState) -> Optional[Tensor]:
     if split is None:
         return None
     fused, eager = split
+    if fused[0].variant != "lora" and _trainable(call.weight):
+        return None  # a variant's served form gives W₀ no gradient; the framework's forward does
     tensors = [x, call.bias] + [t for a in call.adapters for t in a.tensors()]
     tensors += [] if isinstance(call.weight, BaseWeight) else [call.weight]
     if any(t is not None and t.device != x.device for t in tensors) or call.weight.device != x.device:
