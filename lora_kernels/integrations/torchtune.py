@@ -66,10 +66,10 @@ def _static_reason(module: nn.Module, fsdp2: bool = False) -> Optional[str]:
     if common.dropout_p(module.dropout) is None:
         return f"dropout is {type(module.dropout).__name__}, not nn.Dropout/nn.Identity"
     if type(module) is DoRALinear:
-        if "dora" not in VARIANTS:
-            return "DoRALinear: this lora_kernels has no 'dora' variant (lora_kernels.variants)"
         if module.bias is not None:
             return "DoRALinear with a bias (torchtune scales the bias by m/‖W‖, PEFT's DoRA does not)"
+        if "dora" not in VARIANTS:
+            return "DoRALinear: this lora_kernels has no 'dora' variant (lora_kernels.variants)"
     if common.foreign_forward(module):
         return "forward already replaced on the instance"
     if common.has_hooks(module.lora_a, module.lora_b, module.dropout):
