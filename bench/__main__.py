@@ -9,7 +9,9 @@ and, with --plot, a PNG of the ratios (`python -m bench.plot <json>` redraws it)
 
 Sets (--set): cpu (default on a CPU: ~2 min on 2 cores), cpu-full (--full: the README's table,
 ~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick, dora
-(PEFT's DoRA layer vs dora_linear, with each provider's peak allocation over one fwd+bwd).
+(PEFT's DoRA layer vs dora_linear, with each provider's peak allocation over one fwd+bwd), qlora
+(PEFT's 4-bit QLoRA layer: base = the frozen NF4 layer, peft, patched; plus the peak memory of
+one fwd+bwd, `peak_fwd_bwd_bytes` and `peak_extra_bytes` in the JSON).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import re
@@ -24,15 +27,21 @@ import re
 import torch
 
 import lora_kernels
+from bench import qlora
 from bench.cases import SETS, BenchSet, Case, parse_shape, providers
 from bench.harness import device_name, peak_allocated_bytes, saved_activation_bytes, time_interleaved, versions
 from bench.progress import Progress
-from bench.report import below_one_warnings, peak_note, ratio_stats, summarize_times, table_header, table_row
+from bench.report import below_one_warnings, peak_line, peak_note, ratio_stats, summarize_times, table_header, table_row
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 MODES = ("fwd", "fwd+bwd")
-REFERENCE_SETS = ("cpu-full", "gpu")  # their JSON keeps the plain <device>-<type>-<dtype>.json name
+REFERENCE_SETS = ("cpu-full", "gpu")
+PROVIDERS = {
+    "lora": providers,
+    "dora": functools.partial(providers, variant="dora"),
+    "qlora": qlora.providers,
+}  # BenchSet.kind -> its providers  # their JSON keeps the plain <device>-<type>-<dtype>.json name
 
 
 def parse_args(argv=None):
@@ -134,10 +143,16 @@ def main(argv=None) -> dict:
     for case in cases:
         reps = bench_set.reps_for(case.m)
         progress.set_label(f"{case.name} set-up")
-        provs = providers(case, backends, with_peft=not args.no_peft, variant=bench_set.variant)
+        provs = PROVIDERS[bench_set.kind](case, backends, with_peft=not args.no_peft)
+        if not provs:
+            print(f"# {case.name}: skipped, the {bench_set.kind} providers need packages not installed here")
+            continue
         saved = {name: saved_activation_bytes(pv.forward, pv.params, pv.shared_input) for name, pv in provs.items()}
-        peaks = {name: peak_allocated_bytes(pv.forward_backward) for name, pv in provs.items()} \
-            if device.type == "cpu" and bench_set.variant == "dora" else None
+        peaks = None
+        if bench_set.kind == "qlora":
+            peaks = {name: qlora.peak_memory(pv) for name, pv in provs.items()}
+        elif bench_set.kind == "dora" and device.type == "cpu":
+            peaks = {name: peak_allocated_bytes(pv.forward_backward) for name, pv in provs.items()}
         for mode in MODES:
             progress.set_label(f"{case.name} {mode}")
             fns = {name: (pv.forward if mode == "fwd" else pv.forward_backward) for name, pv in provs.items()}
@@ -149,15 +164,21 @@ def main(argv=None) -> dict:
                 "saved_bytes": saved,
             }
             if peaks is not None:
-                row["peak_fwd_bwd_bytes"] = peaks
+                if bench_set.kind == "qlora":
+                    row["peak_fwd_bwd_bytes"] = {name: peak["peak"] for name, peak in peaks.items()}
+                    row["peak_extra_bytes"] = {name: peak["extra"] for name, peak in peaks.items()}
+                    row["dequantized_weight_bytes"] = qlora.dequantized_bytes(case)
+                else:
+                    row["peak_fwd_bwd_bytes"] = peaks
             result["rows"].append(row)
             write_json(out, result)
             if not header_printed:
                 progress.note(table_header(list(row["times"])))
                 header_printed = True
             progress.note(table_row(row))
-            if peaks is not None and mode == MODES[-1]:
-                progress.note(peak_note(row["case"], peaks, case.n * case.k * case.dtype.itemsize))
+            if peaks is not None and mode == "fwd+bwd":
+                progress.note(peak_line(peaks, row["dequantized_weight_bytes"]) if bench_set.kind == "qlora"
+                              else peak_note(row["case"], peaks, case.n * case.k * case.dtype.itemsize))
         del provs, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -28,7 +28,7 @@ class BenchSet:
     reps: int
     small_reps: int
     about: str
-    variant: str = "lora"  # "dora": PEFT's use_dora=True layer vs dora_linear (the base row is the same)
+    kind: str = "lora"  # which providers: "lora", "dora" (PEFT's use_dora=True layer vs dora_linear), "qlora" (bench/qlora.py)
 
     def reps_for(self, m: int) -> int:
         return self.small_reps if m <= 64 else self.reps
@@ -53,9 +53,15 @@ SETS = {
         "dora", "cpu", "fp32", ((2048, 2048, 2048), (64, 4096, 4096)), (16,), (0.0, 0.1), 15, 15,
         "DoRA: PEFT's use_dora=True layer vs dora_linear; the design's CPU shape and a small-M layer whose "
         "W₀ dwarfs the activations (~5 min on 2 idle cores)",
-        variant="dora",
+        kind="dora",
+    ),
+    "qlora": BenchSet(
+        "qlora", "cpu", "fp32", ((512, 4096, 4096),), (16,), (0.1,), 10, 10,
+        "PEFT's QLoRA layer (NF4, double quant, fp32 compute) vs the frozen 4-bit base and patched, "
+        "with peak fwd+bwd memory; ~3 min on 2 cores", kind="qlora",
     ),
 }
+
 
 @dataclass
 class Case:

@@ -144,3 +144,11 @@ def peak_note(case: str, peaks: Dict[str, int], weight_bytes: int) -> str:
     an N x K temporary (the weight), which PEFT's DoRA builds every forward."""
     shown = " / ".join(f"{name.replace('fused:', '')} {peak / MIB:.1f}" for name, peak in peaks.items())
     return f"  {case} peak MiB allocated during one fwd+bwd: {shown} (an N x K temporary: {weight_bytes / MIB:.1f})"
+
+
+def peak_line(peaks: dict, dequantized_bytes: int) -> str:
+    """The peak-memory line of a QLoRA row: per provider, the peak of one fwd+bwd beyond its
+    outputs (y and grad_x), against 1/8 of the dequantized base weight."""
+    shown = " / ".join(f"{name} {p['extra'] / MIB:.2f}" for name, p in peaks.items())
+    return (f"  peak extra MiB (fwd+bwd peak - y - grad_x; torch.profiler memory timeline): {shown}; "
+            f"1/8 of the dequantized weight = {dequantized_bytes / 8 / MIB:.2f}")

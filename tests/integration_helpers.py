@@ -5,13 +5,16 @@ and the dropout mirror that lets an unpatched model reproduce the fused op's mas
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
 
-import lora_kernels.ops
+import lora_kernels
 from lora_kernels.dropout import draw_seed, dropout_multiplier
 
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)
+CPU_BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,6 +72,50 @@ def run_llama(model, ids, backward=True):
     return out.logits.detach(), trainable_grads(model)
 
 
+def run_layer(model, x, params_of=None):
+    """(y, {param name: grad} + {"x": grad}) of sum(y²) through `model` (grads of `params_of`'s parameters)."""
+    params_of = model if params_of is None else params_of
+    params_of.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad.clone()
+    return y.detach(), grads
+
+
+def assert_runs_match(fused, ref, x, what="y", tol=FP32_TOL):
+    """run_layer of the patched `fused` equals that of `ref` (output and every gradient)."""
+    y_ref, g_ref = run_layer(ref, x)
+    y, g = run_layer(fused, x)
+    assert_tensors_close(y, y_ref, **tol, what=what)
+    assert_grads_close(g, g_ref, **tol)
+
+
+def assert_fused_only_under_autocast(fused, ref, x, fused_calls, calls, dtype, tol):
+    """Without autocast the patched `fused` runs `ref`'s own forward (bit-identical, no fused call);
+    under torch.autocast(bf16) it makes `calls` fused calls, with ref's output dtype `dtype`, close to ref."""
+    assert torch.equal(fused(x), ref(x))
+    assert fused_calls.take() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, _ = run_layer(ref, x)
+        y, _ = run_layer(fused, x)
+    assert fused_calls.take() == calls
+    assert y.dtype == y_ref.dtype == dtype
+    assert_tensors_close(y, y_ref, **tol, what="autocast")
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_error_like_peft(actual, peft_result, exact, what, slack=1e-2):
+    """The patched result's error against `exact` is at most ~2x PEFT's own (error-ratio test)."""
+    assert max_err(actual, exact) <= 2 * max_err(peft_result, exact) + slack, (
+        f"{what}: patched err {max_err(actual, exact):.3g} vs PEFT err {max_err(peft_result, exact):.3g}"
+    )
+
+
 def assert_tensors_close(actual, expected, atol, rtol, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual, expected = actual.double(), expected.double()
@@ -89,7 +136,8 @@ def twin(model):
 
 
 class SeedRecorder:
-    """Stands in for `lora_kernels.ops.draw_seed`: draws the same seeds and remembers them in order."""
+    """Stands in for `lora_kernels.dropout.draw_seed` wherever lora_kernels imported it (the op,
+    the variants): draws the same seeds and remembers them in order."""
 
     def __init__(self):
         self.seeds = []
@@ -100,7 +148,9 @@ class SeedRecorder:
         return seed
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(lora_kernels.ops, "draw_seed", self)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("lora_kernels") and getattr(module, "draw_seed", None) is draw_seed:
+                monkeypatch.setattr(module, "draw_seed", self)
         return self
 
 
@@ -112,6 +162,8 @@ class MirrorDropout(nn.Module):
         self.p, self.seeds = p, seeds
 
     def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
         k = x.shape[-1]
         d = dropout_multiplier(self.seeds.pop(0), x.numel() // k, k, self.p, x.dtype, x.device)
         return x * d.reshape(x.shape)
@@ -125,23 +177,28 @@ def mirror_peft_dropouts(model, seeds):
         if isinstance(module, LoraLayer):
             for name, dropout in list(module.lora_dropout.items()):
                 if isinstance(dropout, nn.Dropout):
-                    module.lora_dropout[name] = MirrorDropout(dropout.p, seeds)
+                    module.lora_dropout[name] = MirrorDropout(dropout.p, seeds).train(dropout.training)
 
 
 class FusedCalls:
-    """Counts the calls an integration module makes to `lora_linear` (so a test can tell the fused
-    path from a delegation to the framework's own forward)."""
+    """Counts the calls the integrations make to the fused op (`adapter.fused_op`), so a test can
+    tell the fused path from a delegation to the framework's own forward; `variants` lists the
+    variant of each call."""
 
-    def __init__(self, monkeypatch, integration_module):
-        self.count = 0
-        original = integration_module.lora_linear
+    def __init__(self, monkeypatch):
+        from lora_kernels.integrations import adapter
 
-        def counting(*args, **kwargs):
+        self.count, self.variants = 0, []
+        original = adapter.fused_op
+
+        def counting(variant, *args, **kwargs):
             self.count += 1
-            return original(*args, **kwargs)
+            self.variants.append(variant)
+            return original(variant, *args, **kwargs)
 
-        monkeypatch.setattr(integration_module, "lora_linear", counting)
+        monkeypatch.setattr(adapter, "fused_op", counting)
 
     def take(self):
         count, self.count = self.count, 0
+        self.variants = []
         return count

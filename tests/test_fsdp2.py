@@ -48,17 +48,17 @@ def _worker(rank, init_file, out_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        import lora_kernels.integrations.peft as integration
+        from lora_kernels.integrations import adapter as integration
 
         mesh = init_device_mesh("cpu", (WORLD,))
         calls = [0]
-        original = integration.lora_linear
+        original = integration.fused_op
 
         def counting(*args, **kwargs):
             calls[0] += 1
             return original(*args, **kwargs)
 
-        integration.lora_linear = counting
+        integration.fused_op = counting
         x, y = data()
         result = {}
         for order in ORDERS:

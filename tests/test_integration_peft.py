@@ -17,23 +17,26 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 import lora_kernels  # noqa: E402
 from lora_kernels.dropout import draw_seed  # noqa: E402
 from lora_kernels.integrations import _common  # noqa: E402
-from lora_kernels.integrations import peft as peft_integration  # noqa: E402
 from lora_kernels.reference import lora_linear_eager  # noqa: E402
 from integration_helpers import (  # noqa: E402
+    CPU_BACKENDS,
+    FP32_TOL,
     LLAMA_PROJECTIONS,
     FusedCalls,
     SeedRecorder,
+    assert_error_like_peft,
+    assert_fused_only_under_autocast,
     assert_grads_close,
+    assert_runs_match,
     assert_tensors_close,
     mirror_peft_dropouts,
     peft_llama,
+    run_layer,
     run_llama,
     token_batch,
     twin,
 )
 
-FP32_TOL = dict(atol=1e-5, rtol=1e-4)
-CPU_BACKENDS = [b for b in lora_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only
 N_LORA_LAYERS = 2 * len(LLAMA_PROJECTIONS)
 
 
@@ -60,20 +63,9 @@ def peft_mlp(dtype=torch.float32, seed=0, **lora_kwargs):
     return get_peft_model(TwoLinears().to(dtype), config, autocast_adapter_dtype=False)
 
 
-def run_mlp(model, x, params_of=None):
-    params_of = model if params_of is None else params_of
-    params_of.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_(True)
-    y = model(x)
-    y.float().square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
-    grads["x"] = x.grad.clone()
-    return y.detach(), grads
-
-
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch, peft_integration)
+    return FusedCalls(monkeypatch)
 
 
 # --- equality with PEFT --------------------------------------------------------------------------
@@ -151,11 +143,8 @@ def test_scaling_is_read_per_call(rslora, fused_calls):
         lambda m: [layer.unscale_layer() for layer in lora_layers(m)],
     ):
         change(ref), change(fused)
-        y_ref, g_ref = run_mlp(ref, x)
-        y, g = run_mlp(fused, x)
+        assert_runs_match(fused, ref, x)
         assert fused_calls.take() == 2
-        assert_tensors_close(y, y_ref, **FP32_TOL, what="y")
-        assert_grads_close(g, g_ref, **FP32_TOL)
 
 
 def test_several_adapters_and_set_adapter(fused_calls):
@@ -168,8 +157,8 @@ def test_several_adapters_and_set_adapter(fused_calls):
     for active in ("default", "second", ["default", "second"]):
         for m in (ref, fused):
             m.base_model.set_adapter(active)
-        y_ref, g_ref = run_mlp(ref, x)
-        y, g = run_mlp(fused, x)
+        y_ref, g_ref = run_layer(ref, x)
+        y, g = run_layer(fused, x)
         assert fused_calls.take() == 2  # one fused call per layer, all adapters stacked
         assert_tensors_close(y, y_ref, **FP32_TOL, what=f"y {active}")
         assert_grads_close(g, g_ref, **FP32_TOL)
@@ -202,8 +191,8 @@ def test_lora_bias(fused_calls):
     fused = twin(ref)
     assert lora_kernels.patch(fused).num_patched == 2
     x = torch.randn(2, 3, 32)
-    y_ref, g_ref = run_mlp(ref, x)
-    y, g = run_mlp(fused, x)
+    y_ref, g_ref = run_layer(ref, x)
+    y, g = run_layer(fused, x)
     assert fused_calls.take() == 2
     assert any("lora_B.default.bias" in n for n in g)
     assert_tensors_close(y, y_ref, **FP32_TOL, what="y")
@@ -225,11 +214,8 @@ def test_merged_and_disabled_adapters_follow_peft(fused_calls):
     assert fused_calls.take() == 2  # only the re-enabled call was fused
     for m in (ref, fused):
         m.unmerge_adapter()
-    y_ref, g_ref = run_mlp(ref, x)
-    y, g = run_mlp(fused, x)
+    assert_runs_match(fused, ref, x, what="unmerged")
     assert fused_calls.take() == 2
-    assert_tensors_close(y, y_ref, **FP32_TOL, what="unmerged")
-    assert_grads_close(g, g_ref, **FP32_TOL)
 
 
 def test_mixed_batch_adapter_names_delegates_to_peft(fused_calls):
@@ -249,17 +235,6 @@ def test_mixed_batch_adapter_names_delegates_to_peft(fused_calls):
 
 
 # --- dtypes --------------------------------------------------------------------------------------
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_error_like_peft(actual, peft_result, exact, what, slack=1e-2):
-    """The patched result's error against `exact` is at most ~2x PEFT's own (error-ratio test)."""
-    assert max_err(actual, exact) <= 2 * max_err(peft_result, exact) + slack, (
-        f"{what}: patched err {max_err(actual, exact):.3g} vs PEFT err {max_err(peft_result, exact):.3g}"
-    )
 
 
 def test_bf16_patched_error_is_like_peft_error(fused_calls):
@@ -291,21 +266,14 @@ def test_fp32_adapters_on_bf16_base_fused_under_autocast_or_cast_when_asked(fuse
     assert report.num_patched == 2 and report.num_kept == 0
     assert "under torch.autocast" in next(iter(report.conditional)) and "fused only 2" in str(report)
     x = torch.randn(4, 32, dtype=torch.bfloat16)
-    assert torch.equal(plain(x), ref(x))
-    assert fused_calls.take() == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_exact, _ = run_mlp(ref, x)
-        y, _ = run_mlp(plain, x)
-    assert fused_calls.take() == 2
-    assert y.dtype == y_exact.dtype == torch.bfloat16
-    assert_tensors_close(y, y_exact, atol=2e-2, rtol=2e-2, what="autocast")
+    assert_fused_only_under_autocast(plain, ref, x, fused_calls, 2, torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
     cast = twin(ref)
     assert lora_kernels.patch(cast, cast_adapters=True).num_patched == 2
     exact = twin(ref).double()
-    y_exact, g_exact = run_mlp(exact, x.double())
-    y_ref, g_ref = run_mlp(ref, x)
+    y_exact, g_exact = run_layer(exact, x.double())
+    y_ref, g_ref = run_layer(ref, x)
     assert fused_calls.take() == 0
-    y, g = run_mlp(cast, x)
+    y, g = run_layer(cast, x)
     assert fused_calls.take() == 2
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert_error_like_peft(y, y_ref, y_exact, "y")
@@ -320,10 +288,10 @@ def test_autocast_matches_peft_under_autocast(fused_calls):
     fused = twin(ref)
     lora_kernels.patch(fused)
     x = torch.randn(4, 32)
-    y_exact, g_exact = run_mlp(ref, x)
+    y_exact, g_exact = run_layer(ref, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ref, g_ref = run_mlp(ref, x)
-        y, g = run_mlp(fused, x)
+        y_ref, g_ref = run_layer(ref, x)
+        y, g = run_layer(fused, x)
     assert fused_calls.take() == 2
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert_error_like_peft(y, y_ref, y_exact, "y")
@@ -392,7 +360,7 @@ def test_deepcopy_and_pickle_keep_the_patch():
         assert lora_kernels.unpatch(clone) == 2
 
 
-class _Dora(nn.Module):
+class _MixedTargets(nn.Module):
     def __init__(self):
         super().__init__()
         self.q = nn.Linear(16, 16)
@@ -407,12 +375,10 @@ class _Dora(nn.Module):
 def test_fallback_reasons_reported_and_strict_raises():
     torch.manual_seed(0)
     model = get_peft_model(
-        _Dora(),
+        _MixedTargets(),
         LoraConfig(r=2, target_modules=["q", "emb", "conv", "hooked"], init_lora_weights=False),
     )
     model.base_model.model.hooked.base_layer.register_forward_hook(lambda m, i, o: None)
-    torch.manual_seed(1)
-    dora = get_peft_model(_Dora(), LoraConfig(r=2, target_modules=["q"], use_dora=True))
     from transformers.pytorch_utils import Conv1D
 
     gpt2_like = get_peft_model(
@@ -435,8 +401,6 @@ def test_fallback_reasons_reported_and_strict_raises():
     assert "kept 1" in str(report) and "1 LoRA layer(s) fused" in str(report)
     assert_tensors_close(model(x), y_ref, **FP32_TOL, what="partially patched")
 
-    report = lora_kernels.patch(dora)
-    assert report.num_patched == 0 and "DoraLinearVariant" in next(iter(report.kept)), str(report)
     report = lora_kernels.patch(gpt2_like)
     assert report.num_patched == 0 and "fan_in_fan_out" in next(iter(report.kept)), str(report)
 
@@ -505,10 +469,10 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     x = torch.randn(4, 32)
     torch.manual_seed(7)
-    y_ref, g_ref = run_mlp(model, x)
+    y_ref, g_ref = run_layer(model, x)
     with inductor_config.patch(fallback_random=True):
         torch.manual_seed(7)
-        y, g = run_mlp(compiled, x, params_of=model)
+        y, g = run_layer(compiled, x, params_of=model)
     assert sum("lora_kernels.lora_linear" in t for t in targets) == 2, targets
     assert_tensors_close(y, y_ref, **FP32_TOL, what="compiled")
     assert_grads_close(g, g_ref, **FP32_TOL)
@@ -552,8 +516,8 @@ def test_lora_and_adalora_mixed_model_adds_onto_the_fused_output():
     plain, patched = build(), build()
     assert lora_kernels.patch(patched).num_patched == 1
     x = torch.randn(3, 5, 32)
-    y_ref, grads_ref = run_mlp(plain, x)
-    y, grads = run_mlp(patched, x)
+    y_ref, grads_ref = run_layer(plain, x)
+    y, grads = run_layer(patched, x)
     assert_tensors_close(y, y_ref, **FP32_TOL)
     assert_grads_close(grads, grads_ref, **FP32_TOL)
 
@@ -562,8 +526,8 @@ def test_lora_dropout_1_is_served_like_peft(fused_calls):
     plain, patched = peft_mlp(lora_dropout=1.0), peft_mlp(lora_dropout=1.0)
     lora_kernels.patch(patched, strict=True)
     x = torch.randn(3, 5, 32)
-    y_ref, grads_ref = run_mlp(plain, x)
-    y, grads = run_mlp(patched, x)
+    y_ref, grads_ref = run_layer(plain, x)
+    y, grads = run_layer(patched, x)
     assert fused_calls.take() == 2
     assert_tensors_close(y, y_ref, **FP32_TOL)
     assert_grads_close(grads, grads_ref, **FP32_TOL)

@@ -12,13 +12,12 @@ import torch
 
 try:
     from torchtune.models.llama2 import lora_llama2
-    from torchtune.modules.peft import LoRALinear, QATLoRALinear, disable_adapter
+    from torchtune.modules.peft import DoRALinear, LoRALinear, QATLoRALinear, disable_adapter
 except Exception as exc:  # ImportError, or torchao failing against this torch
     pytest.skip(f"torchtune (with a working torchao) is not importable: {exc}", allow_module_level=True)
 
 import lora_kernels  # noqa: E402
 from lora_kernels.integrations import _common  # noqa: E402
-from lora_kernels.integrations import torchtune as tt_integration  # noqa: E402
 from integration_helpers import (  # noqa: E402
     FusedCalls,
     MirrorDropout,
@@ -59,7 +58,7 @@ def lora_count(model):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch, tt_integration)
+    return FusedCalls(monkeypatch)
 
 
 def test_patched_equals_torchtune_p0(fused_calls):
@@ -112,9 +111,9 @@ def test_disabled_eval_and_unpatch(fused_calls):
 
 
 def test_fallback_reasons():
-    dora = tiny_lora_llama2(use_dora=True)
-    report = lora_kernels.patch(dora)
-    assert report.num_patched == 0 and any("DoRALinear" in r for r in report.kept), str(report)
+    dora_with_bias = DoRALinear(16, 16, rank=2, alpha=4.0, use_bias=True)
+    report = lora_kernels.patch(torch.nn.Sequential(dora_with_bias))
+    assert report.num_patched == 0 and "DoRALinear with a bias" in next(iter(report.kept)), str(report)
     qat = QATLoRALinear(16, 16, rank=2, alpha=4.0)
     report = lora_kernels.patch(torch.nn.Sequential(qat))
     assert report.num_patched == 0 and "QATLoRALinear" in next(iter(report.kept)), str(report)

@@ -54,7 +54,7 @@ def train(tmp_path, callbacks, gradient_checkpointing=False):
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_trainer_callback_patches_and_trains_like_peft(tmp_path, monkeypatch, gradient_checkpointing):
-    fused_calls = FusedCalls(monkeypatch, peft_integration)
+    fused_calls = FusedCalls(monkeypatch)
     _, losses_ref = train(tmp_path / "peft", [], gradient_checkpointing)
     assert fused_calls.take() == 0
     callback = LoRAKernelsCallback()

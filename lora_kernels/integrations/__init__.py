@@ -1,18 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """Drop-in fused forwards for the LoRA modules people already use.
 
-`patch(model)` serves every PEFT `lora.Linear` and torchtune `LoRALinear` in `model` by
-`lora_kernels.lora_linear` (in place, parameters and state_dict untouched) and returns a
+`patch(model)` serves the PEFT LoRA linears (`lora.Linear` with LoRA or DoRA, QLoRA's
+`lora.bnb.Linear4bit`) and torchtune `LoRALinear` / `DoRALinear` layers in `model` by the fused
+op (in place, parameters and state_dict untouched) and returns a
 `PatchReport`; `unpatch(model)` restores their own forwards. Neither PEFT nor torchtune is imported
 here: a model can only hold their layers once they are imported, so only those already in
 `sys.modules` are consulted. The per-framework modules are `lora_kernels.integrations.peft` and
-`lora_kernels.integrations.torchtune`; `lora_kernels.integrations.transformers` has the
-`transformers.TrainerCallback`.
+`lora_kernels.integrations.torchtune` (each only says how to read its layers; the loop, the
+per-call forward and its dtype policy are `lora_kernels.integrations.adapter`);
+`lora_kernels.integrations.transformers` has the `transformers.TrainerCallback`.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 import warnings
 from typing import List
@@ -20,26 +21,23 @@ from typing import List
 from torch import nn
 
 from lora_kernels.integrations._common import PatchReport, strict_error
+from lora_kernels.integrations.adapter import FRAMEWORK_MODULES, framework
 
 __all__ = ["patch", "unpatch", "PatchReport"]
 
-# framework package -> our integration module
-_FRAMEWORKS = {"peft": "lora_kernels.integrations.peft", "torchtune": "lora_kernels.integrations.torchtune"}
-
-
 def _integrations() -> List:
     found = []
-    for package, module in _FRAMEWORKS.items():
+    for package in FRAMEWORK_MODULES:
         if package in sys.modules:
             try:
-                found.append(importlib.import_module(module))
+                found.append(framework(package))
             except ImportError as exc:  # e.g. torchtune present but its torchao import fails
                 warnings.warn(f"lora_kernels: {package} integration unavailable: {exc}", RuntimeWarning, stacklevel=3)
     return found
 
 
 def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_adapters: bool = False) -> PatchReport:
-    """Serve every PEFT `lora.Linear` and torchtune `LoRALinear` of `model` by the fused op.
+    """Serve every PEFT and torchtune LoRA linear layer of `model` by the fused op.
 
     backend: "auto" or a name from `lora_kernels.available_backends()`.
     strict: raise ValueError (listing layers and reasons, patching nothing) if any LoRA layer

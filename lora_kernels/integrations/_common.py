@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What the PEFT and torchtune integrations share: the patch report, the per-layer patch state and
-forward replacement, and the per-call checks (plain nn.Linear weights, hooks, dtype policy)."""
+"""The pieces the integration adapter (`adapter.py`) and the framework modules use: the patch
+report, the per-layer patch state and forward replacement, and the per-call checks (plain
+nn.Linear weights, hooks, dropout modules, autocast)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocas
 
 @dataclass
 class PatchState:
-    """Stored on a patched layer: the class forward it replaced and the options of `patch`."""
+    """Stored on a patched layer: the class forward it replaced, the framework that reads the layer
+    (`adapter.Framework.name`) and the options of `patch`."""
 
     original: Callable  # the class's forward function (called as original(module, x, ...))
+    framework: str
     backend: str
     cast_adapters: bool = False
 
@@ -126,13 +129,13 @@ class BoundForward:
         return f"<lora_kernels fused forward of {type(self.module).__name__}>"
 
 
-def install(module: nn.Module, fused_forward: Callable, backend: str, cast_adapters: bool) -> bool:
+def install(module: nn.Module, fused_forward: Callable, framework: str, backend: str, cast_adapters: bool) -> bool:
     """Set `fused_forward` as the instance's forward; True if it was already patched (options updated)."""
     state = patch_state(module)
     if state is not None:
         state.backend, state.cast_adapters = backend, cast_adapters
         return True
-    module.__dict__[_STATE_ATTR] = PatchState(type(module).forward, backend, cast_adapters)
+    module.__dict__[_STATE_ATTR] = PatchState(type(module).forward, framework, backend, cast_adapters)
     module.forward = BoundForward(fused_forward, module)
     return False
 
@@ -236,20 +239,3 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 def cast_all(dtype: torch.dtype, tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
     """Differentiable casts (no copy when already `dtype`); None stays None."""
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
-
-
-def apply_plan(todo, report: PatchReport, fused_forward: Callable, backend: str, cast_adapters: bool) -> None:
-    """Install `fused_forward` on the (name, module) pairs a framework's `plan` selected."""
-    for name, module in todo:
-        report.already_patched += install(module, fused_forward, backend, cast_adapters)
-        report.patched.append(name)
-
-
-def patch_with(plan: Callable, apply: Callable, model: nn.Module, strict: bool, backend: str,
-               cast_adapters: bool) -> PatchReport:
-    """One framework's `patch`: plan, refuse under `strict` if any layer would be kept, apply."""
-    report, todo = plan(model, backend, cast_adapters)
-    if strict and report.num_kept:
-        raise strict_error(report)
-    apply(todo, report, backend, cast_adapters)
-    return report

@@ -1,18 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Route PEFT's `lora.Linear` layers through `lora_kernels.lora_linear`, in place.
+"""Route PEFT's LoRA linear layers through the fused op, in place: `lora.Linear` (plain LoRA and
+DoRA) and QLoRA's `lora.bnb.Linear4bit` on a bitsandbytes NF4/FP4 base.
 
-`patch(model)` replaces the forward of every PEFT `lora.Linear` it can serve with a bound method
-that computes PEFT's result with the fused op; parameters, buffers, hooks and the state_dict are
+`patch(model)` replaces the forward of every such layer it can serve with the adapter's fused
+forward (`lora_kernels.integrations.adapter`); parameters, buffers, hooks and the state_dict are
 untouched, so `save_pretrained` / `from_pretrained`, `merge_and_unload`, optimizers and DDP see the
 same model. `unpatch(model)` restores PEFT's forward. Per call, anything the fused path does not
-reproduce exactly (disabled or merged adapters, `adapter_names` mixed batches, a LoRA variant,
-mismatched dtypes, hooks on the base layer, …) is delegated to PEFT's own forward.
+reproduce exactly (disabled or merged adapters, `adapter_names` mixed batches, mismatched dtypes,
+hooks on the base layer, …) is delegated to PEFT's own forward.
 
-PEFT semantics reproduced (peft 0.21, `peft.tuners.lora.layer.Linear.forward`):
+PEFT semantics reproduced (peft 0.21, `lora.Linear.forward`, `lora.bnb.Linear4bit.forward`):
 
 * ``result = base_layer(x)``; then for each active adapter that the layer holds, in order,
-  ``result = result + lora_B(lora_A(dropout(x))) * scaling[adapter]``; the result keeps the base
-  output's dtype. `scaling` is read per call, so rsLoRA, `set_scale` and `scale_layer` apply.
+  ``result = result + lora_B(lora_A(dropout(x))) * scaling[adapter]``. `scaling` is read per
+  call, so rsLoRA, `set_scale` and `scale_layer` apply.
 * the first adapter's term is fused with the base GEMM and bias; with several adapters and no
   dropout they all go into that one call (A's stacked, B's scaled and stacked); with dropout each
   further adapter adds PEFT's own eager term (its own independent mask, as PEFT draws one).
@@ -20,54 +21,135 @@ PEFT semantics reproduced (peft 0.21, `peft.tuners.lora.layer.Linear.forward`):
 * dropout: ``nn.Dropout(p)`` in training mode -> the fused op's dropout at rate p (the mask is the
   lora_kernels generator's, regenerated in backward, never stored); ``nn.Identity`` or eval -> none.
   ``lora_dropout=1.0`` is served: the LoRA term and the gradients of A and B are zero, as in PEFT.
+* DoRA (`use_dora=True`, `DoraLinearVariant`): one active DoRA adapter is served by the "dora"
+  variant (`lora_kernels.variants`), PEFT's maths: magnitude m, ``c = m / ‖W₀ + s·B·A‖`` (norm
+  detached), ``y = x·W₀ᵀ + b + (c − 1)·(x′·W₀ᵀ) + c·s·(x′·Aᵀ)·Bᵀ``, x′ = dropout(x) in training
+  with p > 0, else x. Several active adapters with DoRA among them, and DoRA under
+  `torch.autocast`, run PEFT's forward (both are in the report's "fused only" lines).
+* QLoRA (`lora.bnb.Linear4bit` on `bitsandbytes.nn.Linear4bit`, NF4/FP4, double quantization or
+  not): the base is the packed 4-bit weight as a `BaseWeight` (built once per frozen weight and
+  cached on it), dequantized tile by tile. bitsandbytes' dtype rules: its compute dtype (the
+  layer's `compute_dtype`, else settled on the first call from x, as bitsandbytes does), x cast to
+  it, the result cast back to x's dtype; PEFT adds the LoRA term after casting it to that dtype
+  unless `torch.is_autocast_enabled()` (the CUDA autocast flag, which PEFT reads on every device).
+  A bias in another dtype than the compute dtype runs PEFT's forward once (bitsandbytes converts
+  the parameter in place, later calls fuse); a weight bitsandbytes repacked for its CPU inference
+  kernel (`packing_format_for_cpu`, after an eval no-grad call on an AVX512-BF16 CPU) runs
+  PEFT's forward.
 * dtypes: the fused call needs one dtype. Under `torch.autocast` every operand is cast to the
-  autocast dtype, which is what PEFT's linears compute in. Without autocast, adapters in another
-  dtype than the base (PEFT's default fp32 adapters on a bf16/fp16 base) run PEFT's forward,
-  whose LoRA branch computes in the adapter dtype (the report lists them under "fused only under
-  torch.autocast"); `cast_adapters=True` instead fuses them in the base dtype (like autocast: fp32
-  parameters and gradients, half-precision compute).
+  autocast dtype, which is what PEFT's linears compute in (a 4-bit base must compute in it
+  already). Without autocast, adapters in another dtype than the base's compute dtype (PEFT's
+  default fp32 adapters on a bf16/fp16 base) run PEFT's forward, whose LoRA branch computes in the
+  adapter dtype (the report lists them under "fused only under torch.autocast");
+  `cast_adapters=True` instead fuses them in the base dtype (like autocast: fp32 parameters and
+  gradients, half-precision compute).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from lora_kernels.backends import resolve
+from lora_kernels.base_weights import FORMATS
 from lora_kernels.integrations import _common as common
-from lora_kernels.ops import lora_linear
+from lora_kernels.integrations.adapter import AdapterCall, Framework, LayerCall, register
+from lora_kernels.variants import VARIANTS
 
 try:  # kwargs PEFT pops for its LoRA variants; any of them set means "not plain LoRA"
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS as _VARIANT_KWARGS
 except ImportError:  # pragma: no cover - older peft
     _VARIANT_KWARGS = ("alora_offsets",)
 
+try:
+    from peft.tuners.lora.variants import DoraLinearVariant
+except ImportError:  # pragma: no cover - older peft
+    DoraLinearVariant = None
+
+try:  # QLoRA: PEFT's 4-bit LoRA layer exists only with bitsandbytes
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - no (working) bitsandbytes
+    bnb = LoraLinear4bit = None
+
+DORA_AUTOCAST_CONDITION = (
+    "without torch.autocast: DoRA under autocast runs PEFT's forward (it computes the magnitude scale in fp32 and "
+    "the LoRA term in the autocast dtype, which one fused call does not reproduce)"
+)
 _KNOWN_KWARGS = frozenset(("adapter_names", *_VARIANT_KWARGS))
+_QUANT_TYPES = ("nf4", "fp4")
 
 
-# --- which layers ---------------------------------------------------------------------------------
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --- which layers (patch time) --------------------------------------------------------------------
+
+
+def _is_qlora(module: nn.Module) -> bool:
+    return LoraLinear4bit is not None and isinstance(module, LoraLinear4bit)
+
+
+def _base_reason(module: LoraLayer, fsdp2: bool) -> Optional[str]:
+    """Why the base layer of a PEFT LoRA linear cannot be served, or None."""
+    if not _is_qlora(module):
+        return common.plain_linear_reason(module.base_layer, fsdp2)
+    base = module.base_layer
+    if type(base).forward is not bnb.nn.Linear4bit.forward:
+        return f"base layer is {type(base).__name__}, a Linear4bit with its own forward"
+    if fsdp2:
+        return "4-bit base under FSDP2 (fully_shard) keeps PEFT's forward"
+    quant_type = getattr(base.weight, "quant_type", None)
+    if quant_type not in _QUANT_TYPES or quant_type not in FORMATS:
+        have = [q for q in _QUANT_TYPES if q in FORMATS]
+        return f"4-bit base in {quant_type!r} format (this lora_kernels reads {have or 'no 4-bit format'})"
+    try:  # the format's own checks (blocksize, quant_storage, quantized at all, ...)
+        FORMATS[quant_type].from_bnb_cached(base.weight)
+    except (TypeError, ValueError) as exc:
+        return f"4-bit base not servable: {exc}"
+    if base.bias is not None and not common.plain_tensor(base.bias):
+        return f"base bias is a {type(base.bias).__name__}, not a dense float tensor"
+    return None
+
+
+def _variant_reason(module: LoraLayer) -> Optional[str]:
+    """Why the layer's LoRA variants (DoRA, aLoRA, ...) cannot be served, or None."""
+    if not module.lora_variant:
+        return None
+    kinds = {type(v) for v in module.lora_variant.values()}
+    if DoraLinearVariant is None or kinds != {DoraLinearVariant}:
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        return f"LoRA variant {names} (aLoRA, … keep PEFT's forward; DoRA is served)"
+    if "dora" not in VARIANTS:
+        return "DoRA (DoraLinearVariant): this lora_kernels has no 'dora' variant (lora_kernels.variants)"
+    for name in module.lora_variant:
+        if module.lora_B[name].bias is not None:
+            return f"adapter {name!r}: DoRA with lora_bias=True keeps PEFT's forward"
+        if common.has_hooks(module.lora_magnitude_vector[name]):
+            return f"adapter {name!r}: forward hooks on lora_magnitude_vector"
+    return None
 
 
 def _static_reason(module: LoraLayer, fsdp2: bool = False) -> Optional[str]:
     """Why `module` keeps PEFT's forward, or None if the fused forward can serve it. `fsdp2`: the
     layer is under fully_shard (its DTensor weights are plain tensors in forward)."""
-    if not isinstance(module, LoraLinear) or type(module).forward is not LoraLinear.forward:
+    plain = isinstance(module, LoraLinear) and type(module).forward is LoraLinear.forward
+    qlora = _is_qlora(module) and type(module).forward is LoraLinear4bit.forward
+    if not (plain or qlora):
         return (
-            f"{type(module).__name__} is not a lora.Linear (quantized, Conv, Embedding, … LoRA layers "
-            "keep PEFT's forward)"
+            f"{type(module).__name__} is not a lora.Linear or lora.bnb.Linear4bit (8-bit, Conv, Embedding, … "
+            "LoRA layers keep PEFT's forward)"
         )
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style transposed weight, e.g. GPT-2)"
-    base_reason = common.plain_linear_reason(module.base_layer, fsdp2)
-    if base_reason is not None:
-        return base_reason
-    if module.lora_variant:
-        kinds = ", ".join(sorted({type(v).__name__ for v in module.lora_variant.values()}))
-        return f"LoRA variant {kinds} (DoRA, aLoRA, … keep PEFT's forward)"
+    reason = _base_reason(module, fsdp2) or _variant_reason(module)
+    if reason is not None:
+        return reason
     if common.foreign_forward(module):
         return "forward already replaced on the instance (accelerate / device-map hooks?)"
     if common.has_hooks(module.base_layer):
@@ -83,168 +165,154 @@ def _static_reason(module: LoraLayer, fsdp2: bool = False) -> Optional[str]:
     return None
 
 
-def _condition(module: LoraLinear, cast_adapters: bool) -> Optional[str]:
-    """For a patchable layer whose adapters are in another dtype than its base: when it is fused."""
-    if cast_adapters:
-        return None
-    base_dtype = module.base_layer.weight.dtype
+def _base_dtype(module: LoraLayer) -> torch.dtype:
+    """The dtype the base layer computes in (a 4-bit base: its compute dtype, else the dtype it was
+    quantized from; bitsandbytes may settle it from x on the first call)."""
+    base = module.base_layer
+    if _is_qlora(module):
+        return base.compute_dtype or base.weight.quant_state.dtype
+    return base.weight.dtype
+
+
+def _conditions(module: LoraLayer, cast_adapters: bool) -> List[str]:
+    """When a patchable layer is fused only under a condition (the report's "fused only" lines)."""
+    conditions = []
+    if module.lora_variant:
+        conditions.append(DORA_AUTOCAST_CONDITION)
+        if len(module.lora_A) > 1:
+            conditions.append(
+                "while one adapter is active (several active adapters with DoRA among them run PEFT's forward)"
+            )
+    base_dtype = _base_dtype(module)
     params = [p for name in module.lora_A for m in (module.lora_A[name], module.lora_B[name]) for p in m.parameters()]
+    params += [module.lora_magnitude_vector[name].weight for name in module.lora_variant]
     dtypes = {p.dtype for p in params}
-    if dtypes <= {base_dtype}:
+    if not cast_adapters and not dtypes <= {base_dtype}:
+        shown = "/".join(_dtype_name(d) for d in sorted(dtypes - {base_dtype}, key=str))
+        conditions.append(
+            f"under torch.autocast: adapters in {shown} on a {_dtype_name(base_dtype)} base (without "
+            "autocast PEFT runs that LoRA branch in the adapter dtype, so its forward does; "
+            "patch(..., cast_adapters=True) fuses it in the base dtype)"
+        )
+    return conditions
+
+
+# --- the fused call (per call) ----------------------------------------------------------------------
+
+
+def _eager_term(layer: LoraLayer, name: str, convert: bool):
+    """PEFT's own term for adapter `name` (its input casting, its dropout module); `convert`: the
+    4-bit layer's rule, the term cast to the result's dtype before it is added."""
+
+    def term(x, result):
+        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+        x = layer._cast_input_dtype(x, lora_A.weight.dtype)
+        out = lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]
+        return x, result + (out.to(result.dtype) if convert else out)
+
+    return term
+
+
+def _adapter(layer: LoraLayer, name: str, convert: bool) -> Optional[AdapterCall]:
+    """Adapter `name` of `layer` as the fused call takes it, or None if this call cannot serve it."""
+    lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    p = common.dropout_p(dropout)
+    scaling = layer.scaling[name]
+    if (
+        p is None
+        or type(lora_A) is not nn.Linear
+        or type(lora_B) is not nn.Linear
+        or lora_A.bias is not None
+        or isinstance(scaling, bool)
+        or not isinstance(scaling, (int, float))
+        or not all(common.plain_tensor(t) for t in (lora_A.weight, lora_B.weight, lora_B.bias))
+        or common.has_hooks(lora_A, lora_B, dropout)
+    ):
         return None
-    shown = "/".join(str(d).replace("torch.", "") for d in sorted(dtypes - {base_dtype}, key=str))
-    return (
-        f"under torch.autocast: adapters in {shown} on a {str(base_dtype).replace('torch.', '')} base (without "
-        "autocast PEFT runs that LoRA branch in the adapter dtype, so its forward does; "
-        "patch(..., cast_adapters=True) fuses it in the base dtype)"
+    variant, extra = "lora", {}
+    if name in layer.lora_variant:
+        if type(layer.lora_variant[name]) is not DoraLinearVariant or lora_B.bias is not None:
+            return None
+        magnitude = layer.lora_magnitude_vector[name]
+        if common.has_hooks(magnitude) or not common.plain_tensor(magnitude.weight):
+            return None
+        # PEFT uses x itself (no second base product) when dropout is nn.Identity or in eval mode
+        variant, extra = "dora", {"magnitude": magnitude.weight}
+        p = 0.0 if isinstance(dropout, nn.Identity) or not layer.training else p
+    return AdapterCall(
+        lora_A.weight, lora_B.weight, lora_B.bias, float(scaling), p, variant, extra, _eager_term(layer, name, convert)
     )
 
 
-def plan(model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
-    """(report of the layers that keep PEFT's forward, [(name, layer) to patch]); changes nothing."""
-    _check_backend(model, backend)
-    kept, todo = common.PatchReport(backend=backend), []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        fsdp2 = common.fsdp2_managed(model, name)
-        reason = None if common.is_patched(module) else _static_reason(module, fsdp2)
-        if reason is None:
-            todo.append((name, module))
-            condition = _condition(module, cast_adapters)
-            if condition is not None:
-                kept.note(name, condition)
-            if fsdp2 and common.sharded(module):
-                kept.note(name, common.FSDP2_CONDITION)
-        else:
-            kept.keep(name, reason)
-    return kept, todo
-
-
-def apply(todo, report: common.PatchReport, backend: str, cast_adapters: bool) -> None:
-    """Patch the layers `plan` selected, recording them in `report`."""
-    common.apply_plan(todo, report, _fused_forward, backend, cast_adapters)
-
-
-def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_adapters: bool = False):
-    """Serve every PEFT `lora.Linear` in `model` by `lora_kernels.lora_linear`; returns a
-    `PatchReport`. Patching twice is harmless (options are updated). With `strict=True`, a
-    ValueError lists the layers that cannot be served (and nothing is patched). See
-    `lora_kernels.integrations.patch` for the options."""
-    return common.patch_with(plan, apply, model, strict, backend, cast_adapters)
-
-
-def unpatch(model: nn.Module) -> int:
-    """Restore PEFT's forward on every patched layer; returns how many were restored."""
-    return sum(common.uninstall(m) for m in model.modules() if isinstance(m, LoraLayer))
-
-
-def _check_backend(model: nn.Module, backend: str) -> None:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
-    resolve(backend, device)  # ValueError now rather than at the first forward
-
-
-# --- the fused forward ----------------------------------------------------------------------------
-
-
-def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's `lora.Linear.forward` computed with `lora_kernels.lora_linear` (the instance's forward)."""
-    state = common.patch_state(self)
-    out = None
-    if not args and all(k in _KNOWN_KWARGS and v is None for k, v in kwargs.items()):
-        out = _fused(self, x, state)
-    if out is None:  # not something the fused op reproduces exactly: PEFT's own forward
-        base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
-        if (  # PEFT would fail too; name the likely cause (no hook here moves x, e.g. accelerate's)
-            isinstance(x, torch.Tensor)
-            and isinstance(weight, torch.Tensor)
-            and weight.device.type != "meta"
-            and x.device != weight.device
-            and not common.has_hooks(self.base_layer, base)
-        ):
-            raise common.device_mismatch_error(self, x, weight)
-        return state.original(self, x, *args, **kwargs)
-    return out
-
-
-def _fused(self: LoraLinear, x: torch.Tensor, state: common.PatchState) -> Optional[torch.Tensor]:
-    """The fused result, or None where PEFT's forward must run instead."""
-    if self.disable_adapters or self.merged:  # PEFT: (unmerge and) base layer only
+def _qlora_base(layer: LoraLayer, x: torch.Tensor):
+    """(4-bit BaseWeight in bitsandbytes' compute dtype, bias) for this call, or None."""
+    base = layer.base_layer
+    fix_4bit_weight_quant_state_from_module(base)
+    state = base.weight.quant_state
+    if state is None or getattr(state, "packing_format_for_cpu", False) or state.quant_type not in FORMATS:
         return None
-    base = self.base_layer
-    if common.plain_linear_reason(base) is not None or common.has_hooks(base):
+    if not base.compute_type_is_set:  # bitsandbytes settles its compute dtype from the first x
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    compute = base.compute_dtype or x.dtype
+    if layer.lora_variant and state.dtype not in (compute, torch.float32):
+        return None  # PEFT's DoRA norm dequantizes to state.dtype, then casts: a double rounding
+    try:
+        weight = FORMATS[state.quant_type].from_bnb_cached(base.weight, compute)
+    except (TypeError, ValueError):
         return None
-    weight, bias = base.weight, base.bias
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+    return weight, base.bias
+
+
+def _describe(layer: LoraLayer, x, args, kwargs) -> Optional[LayerCall]:
+    """This call of `layer` as a fused call, or None where PEFT's forward must run."""
+    if args or not all(k in _KNOWN_KWARGS and v is None for k, v in kwargs.items()):
+        return None  # a mixed batch (adapter_names), variant kwargs, or extra arguments
+    if layer.disable_adapters or layer.merged or not isinstance(x, torch.Tensor):
+        return None  # PEFT: (unmerge and) base layer only
+    base = layer.base_layer
+    if common.has_hooks(base):
         return None
-    names = [n for n in self.active_adapters if n in self.lora_A]
-    if not names:
-        return None
-    adapters = []  # (lora_A, lora_B, dropout p, scaling, name)
-    for name in names:
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        p = common.dropout_p(self.lora_dropout[name])
-        scaling = self.scaling[name]
-        if (
-            name in self.lora_variant
-            or p is None
-            or type(lora_A) is not nn.Linear
-            or type(lora_B) is not nn.Linear
-            or lora_A.bias is not None
-            or isinstance(scaling, bool)
-            or not isinstance(scaling, (int, float))
-            or not all(common.plain_tensor(t) for t in (lora_A.weight, lora_B.weight, lora_B.bias))
-            or common.has_hooks(lora_A, lora_B, self.lora_dropout[name])
-        ):
+    qlora = _is_qlora(layer)
+    if qlora:
+        served = _qlora_base(layer, x)
+        if served is None:
             return None
-        adapters.append((lora_A, lora_B, p, float(scaling), name))
-
-    # One compute dtype for the fused call (see the module docstring).
-    tensors = [x, weight, bias] + [t for a in adapters for t in (a[0].weight, a[1].weight, a[1].bias)]
-    if any(t is not None and t.device != x.device for t in tensors):
-        return None
-    compute = common.autocast_dtype(x)
-    if compute is not None:
-        if any(t is not None and t.dtype not in common.AUTOCAST_DTYPES for t in tensors):
-            return None
+        weight, bias = served
     else:
-        compute = x.dtype
-        if weight.dtype != compute or (bias is not None and bias.dtype != compute):
-            return None  # PEFT's base layer raises; let it
-        adapter_dtypes = {t.dtype for t in tensors[3:] if t is not None}
-        if adapter_dtypes - {compute} and not (state.cast_adapters and self.cast_input_dtype_enabled):
+        if common.plain_linear_reason(base) is not None:
             return None
-    if compute not in common.FUSABLE_DTYPES:
+        weight, bias = base.weight, base.bias
+    # PEFT's 4-bit layer casts each LoRA term to the result's dtype unless (CUDA) autocast is on
+    convert = qlora and not torch.is_autocast_enabled()
+    adapters = []
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            adapter = _adapter(layer, name, convert)
+            if adapter is None:
+                return None
+            adapters.append(adapter)
+    out_dtype = None
+    if qlora:  # bitsandbytes returns x's dtype; PEFT's addition may promote it
+        autocast = common.autocast_dtype(x)
+        lora_dtype = autocast or (adapters[0].lora_A.dtype if adapters else x.dtype)
+        out_dtype = x.dtype if convert else torch.promote_types(x.dtype, lora_dtype)
+    cast_ok = getattr(layer, "cast_input_dtype_enabled", True)
+    return LayerCall(x, weight, bias, adapters, cast_x=qlora, adapter_cast_ok=cast_ok, out_dtype=out_dtype)
+
+
+def _device_weight(layer: LoraLayer) -> Optional[torch.Tensor]:
+    """The base weight x must share a device with (None when a hook on the base may move x)."""
+    base = layer.get_base_layer()
+    if common.has_hooks(layer.base_layer, base):
         return None
-    if any(abs(a[3]) > torch.finfo(compute).max for a in adapters):
-        return None  # lora_linear refuses it; PEFT's forward overflows to inf as it always did
+    return getattr(base, "weight", None)
 
-    # The fused call: base + every adapter when none has dropout, else base + the first with dropout.
-    dropped = [a for a in adapters if a[2] > 0.0]
-    fused = adapters if not dropped else [dropped[0]]
-    eager = [a for a in adapters if not any(a is f for f in fused)]
-    x_c, weight_c, bias_c = common.cast_all(compute, (x, weight, bias))
-    lora_bias = [a[1].bias * a[3] for a in fused if a[1].bias is not None]
-    if lora_bias:
-        lora_bias = common.cast_all(compute, lora_bias)
-        bias_c = sum(lora_bias[1:], lora_bias[0]) if bias_c is None else sum(lora_bias, bias_c)
-    if len(fused) == 1:
-        lora_A, lora_B, p, scaling, _ = fused[0]
-        a_w, b_w = common.cast_all(compute, (lora_A.weight, lora_B.weight))
-    else:  # p = 0 for all: x·[A1;A2]ᵀ·[s1·B1, s2·B2]ᵀ = Σ sᵢ·(x·Aᵢᵀ)·Bᵢᵀ
-        a_w = torch.cat(common.cast_all(compute, [a[0].weight for a in fused]), dim=0)
-        b_w = torch.cat(common.cast_all(compute, [a[1].weight * a[3] for a in fused]), dim=1)
-        p, scaling = 0.0, 1.0
-    result = lora_linear(x_c, weight_c, bias_c, a_w, b_w, scaling, p, training=p > 0.0, backend=state.backend)
 
-    # Further adapters with dropout: PEFT's own term (its input casting and its dropout module).
-    if eager:
-        result_dtype = result.dtype
-        x_lora = x
-        for lora_A, lora_B, _, scaling, name in eager:
-            x_lora = self._cast_input_dtype(x_lora, lora_A.weight.dtype)
-            result = result + lora_B(lora_A(self.lora_dropout[name](x_lora))) * scaling
-        result = result.to(result_dtype)
-    return result
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer)
+
+
+FRAMEWORK = register(Framework("peft", _is_layer, _static_reason, _conditions, _describe, _device_weight))
+
+plan, apply, patch, unpatch = FRAMEWORK.plan, FRAMEWORK.apply, FRAMEWORK.patch, FRAMEWORK.unpatch

@@ -1,21 +1,31 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Route torchtune's `LoRALinear` layers through `lora_kernels.lora_linear`, in place.
+"""Route torchtune's `LoRALinear` and `DoRALinear` layers through the fused op, in place.
 
 torchtune is optional: importing this module raises ImportError when it (or the torchao it needs)
 is missing; `lora_kernels.integrations.patch` only consults it once torchtune is imported.
 
-torchtune semantics reproduced (torchtune 0.6, `torchtune.modules.peft.LoRALinear.forward`):
-``out = F.linear(x, weight, bias)``; unless ``disabled``, ``out + (alpha / rank) * lora_b(lora_a(dropout(x)))``
-(alpha and rank read per call; ``merged`` does not change torchtune's forward, so it does not change ours).
-No input casting: without autocast all operands must share x's dtype (else torchtune's own forward
-runs, and raises as it would); under `torch.autocast` every operand is cast to the autocast dtype.
-Kept on their own forward: NF4-quantized bases (`quantize_base=True`), subclasses such as
-`QATLoRALinear` (fake quantization), `DoRALinear`.
+torchtune semantics reproduced (torchtune 0.6):
+
+* `LoRALinear.forward`: ``out = F.linear(x, weight, bias)``; unless ``disabled``,
+  ``out + (alpha / rank) * lora_b(lora_a(dropout(x)))`` (alpha and rank read per call; ``merged``
+  does not change torchtune's forward, so it does not change ours).
+* `DoRALinear.forward` (unless ``disabled``): ``c = magnitude / ‖W₀ + s·B·A‖`` (norm detached),
+  ``out = c·(x·W₀ᵀ + b) + c·s·(dropout(x)·Aᵀ)·Bᵀ``. Without a bias and without dropout this is
+  PEFT's DoRA, which the "dora" variant serves; torchtune scales the bias by c and keeps x
+  undropped in its base term, so a `DoRALinear` with a bias keeps torchtune's forward and one
+  with dropout is fused in eval mode only (in training its calls run torchtune's forward).
+* No input casting: without autocast all operands must share x's dtype (else torchtune's own
+  forward runs, and raises as it would); under `torch.autocast` every operand is cast to the
+  autocast dtype.
+
+Kept on their own forward: NF4-quantized bases (`quantize_base=True`: torchao's NF4Tensor, another
+layout than bitsandbytes' that lora_kernels reads) and subclasses such as `QATLoRALinear` (fake
+quantization).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -26,22 +36,27 @@ try:
 except ImportError:  # pragma: no cover - older torchtune
     DoRALinear = ()
 
-from lora_kernels.backends import resolve
 from lora_kernels.integrations import _common as common
-from lora_kernels.ops import lora_linear
+from lora_kernels.integrations.adapter import AdapterCall, Framework, LayerCall, register
+from lora_kernels.variants import VARIANTS
+
+DORA_DROPOUT_CONDITION = (
+    "in eval mode: torchtune's DoRA with dropout keeps x undropped in its (m/‖W‖ − 1)·x·W₀ᵀ term "
+    "(PEFT's DoRA, which the fused op serves, drops it), so training calls run torchtune's forward"
+)
 
 
-def _is_lora_linear(module: nn.Module) -> bool:
-    return isinstance(module, LoRALinear)
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (LoRALinear, DoRALinear))
 
 
-def _static_reason(module: nn.Module) -> Optional[str]:
-    if isinstance(module, DoRALinear):
-        return "DoRALinear (DoRA keeps torchtune's forward)"
-    if type(module) is not LoRALinear:
+def _static_reason(module: nn.Module, fsdp2: bool = False) -> Optional[str]:
+    """Why `module` keeps torchtune's forward, or None (`fsdp2` is not used: torchtune's FSDP2
+    shards are DTensors, kept as not dense)."""
+    if type(module) not in (LoRALinear, DoRALinear):
         return f"{type(module).__name__} (a LoRALinear subclass, e.g. QAT fake quantization) keeps its forward"
     if getattr(module, "_quantize_base", False):
-        return "quantize_base=True (NF4 base weight)"
+        return "quantize_base=True (torchao NF4Tensor base: not the bitsandbytes layout lora_kernels reads)"
     if not common.plain_tensor(module.weight) or not common.plain_tensor(module.bias):
         return f"base weight is a {type(module.weight).__name__}, not a dense float tensor (quantized or sharded)"
     if type(module.lora_a) is not nn.Linear or type(module.lora_b) is not nn.Linear:
@@ -50,6 +65,11 @@ def _static_reason(module: nn.Module) -> Optional[str]:
         return "lora_a/lora_b have a bias"
     if common.dropout_p(module.dropout) is None:
         return f"dropout is {type(module.dropout).__name__}, not nn.Dropout/nn.Identity"
+    if type(module) is DoRALinear:
+        if module.bias is not None:
+            return "DoRALinear with a bias (torchtune scales the bias by m/‖W‖, PEFT's DoRA does not)"
+        if "dora" not in VARIANTS:
+            return "DoRALinear: this lora_kernels has no 'dora' variant (lora_kernels.variants)"
     if common.foreign_forward(module):
         return "forward already replaced on the instance"
     if common.has_hooks(module.lora_a, module.lora_b, module.dropout):
@@ -57,77 +77,41 @@ def _static_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-def plan(model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
-    """(report of the layers that keep torchtune's forward, [(name, layer) to patch]); changes nothing.
-    `cast_adapters` is accepted for symmetry with PEFT; torchtune never mixes dtypes."""
-    param = next(model.parameters(), None)
-    resolve(backend, param.device if param is not None and param.device.type != "meta" else torch.device("cpu"))
-    kept, todo = common.PatchReport(backend=backend), []
-    for name, module in model.named_modules():
-        if not (_is_lora_linear(module) or isinstance(module, DoRALinear)):
-            continue
-        reason = None if common.is_patched(module) else _static_reason(module)
-        if reason is None:
-            todo.append((name, module))
-        else:
-            kept.keep(name, reason)
-    return kept, todo
+def _conditions(module: nn.Module, cast_adapters: bool) -> List[str]:
+    if type(module) is not DoRALinear:
+        return []
+    conditions = ["without torch.autocast: torchtune's DoRA under autocast mixes fp32 and the autocast dtype"]
+    if type(module.dropout) is nn.Dropout and module.dropout.p > 0.0:
+        conditions.append(DORA_DROPOUT_CONDITION)
+    return conditions
 
 
-def apply(todo, report: common.PatchReport, backend: str, cast_adapters: bool) -> None:
-    """Patch the layers `plan` selected, recording them in `report`."""
-    common.apply_plan(todo, report, _fused_forward, backend, cast_adapters)
-
-
-def patch(model: nn.Module, strict: bool = False, backend: str = "auto", cast_adapters: bool = False):
-    """Serve every torchtune `LoRALinear` in `model` by `lora_kernels.lora_linear`; returns a `PatchReport`."""
-    return common.patch_with(plan, apply, model, strict, backend, cast_adapters)
-
-
-def unpatch(model: nn.Module) -> int:
-    """Restore torchtune's forward on every patched layer; returns how many were restored."""
-    return sum(common.uninstall(m) for m in model.modules() if _is_lora_linear(m))
-
-
-def _fused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """torchtune's `LoRALinear.forward` computed with `lora_kernels.lora_linear` (the instance's forward)."""
-    state = common.patch_state(self)
-    out = _fused(self, x, state)
-    if out is None:
-        weight = self.weight
-        if isinstance(x, torch.Tensor) and weight.device.type != "meta" and x.device != weight.device:
-            raise common.device_mismatch_error(self, x, weight)
-        return state.original(self, x)
-    return out
-
-
-def _fused(self: LoRALinear, x: torch.Tensor, state: common.PatchState) -> Optional[torch.Tensor]:
-    if self.disabled or self._quantize_base:
+def _describe(self: nn.Module, x, args, kwargs) -> Optional[LayerCall]:
+    """This call as a fused call, or None where torchtune's forward must run."""
+    if args or kwargs or self.disabled or self._quantize_base or not isinstance(x, torch.Tensor):
         return None
     p = common.dropout_p(self.dropout)
-    weight, bias = self.weight, self.bias
-    lora_A, lora_B = self.lora_a.weight, self.lora_b.weight
-    tensors = (x, weight, bias, lora_A, lora_B)
-    if (
-        p is None
-        or not isinstance(x, torch.Tensor)
-        or x.dim() == 0
-        or x.shape[-1] != weight.shape[1]
-        or not all(common.plain_tensor(t) for t in tensors[1:])
-        or self.lora_a.bias is not None
-        or self.lora_b.bias is not None
-        or common.has_hooks(self.lora_a, self.lora_b, self.dropout)
-        or any(t is not None and t.device != x.device for t in tensors)
-    ):
+    if p is None or self.lora_a.bias is not None or self.lora_b.bias is not None:
         return None
-    compute = common.autocast_dtype(x)
-    if compute is not None:
-        if any(t is not None and t.dtype not in common.AUTOCAST_DTYPES for t in tensors):
-            return None
+    if common.has_hooks(self.lora_a, self.lora_b, self.dropout):
+        return None
+    if type(self) is DoRALinear:
+        if p > 0.0 or self.bias is not None or "dora" not in VARIANTS:
+            return None  # torchtune's DoRA differs from PEFT's there (see the module docstring)
+        variant, extra, scaling = "dora", {"magnitude": self.magnitude}, self.scaling
     else:
-        compute = x.dtype
-        if any(t is not None and t.dtype != compute for t in tensors) or compute not in common.FUSABLE_DTYPES:
-            return None
-    x, weight, bias, lora_A, lora_B = common.cast_all(compute, tensors)
-    scaling = float(self.alpha) / float(self.rank)
-    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, training=p > 0.0, backend=state.backend)
+        variant, extra, scaling = "lora", {}, float(self.alpha) / float(self.rank)
+    tensors = (self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, *extra.values())
+    if not all(common.plain_tensor(t) for t in tensors):
+        return None
+    adapter = AdapterCall(self.lora_a.weight, self.lora_b.weight, None, float(scaling), p, variant, extra)
+    return LayerCall(x, self.weight, self.bias, [adapter])
+
+
+def _device_weight(self: nn.Module) -> Optional[torch.Tensor]:
+    return self.weight
+
+
+FRAMEWORK = register(Framework("torchtune", _is_layer, _static_reason, _conditions, _describe, _device_weight))
+
+plan, apply, patch, unpatch = FRAMEWORK.plan, FRAMEWORK.apply, FRAMEWORK.patch, FRAMEWORK.unpatch

@@ -102,9 +102,9 @@ def _install_patching() -> None:
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTuner
 
-    from lora_kernels.integrations import peft as integration
+    from lora_kernels.integrations import adapter
 
-    integration.lora_linear = _counted(integration.lora_linear, fused_calls)
+    adapter.fused_op = _counted(adapter.fused_op, fused_calls)
     # PEFT's own lora.Linear forward: unpatched layers, and patched ones handing a call back to it.
     LoraLinear.forward = _counted(LoraLinear.forward, peft_forwards)
     BaseTuner.inject_adapter = _after(BaseTuner.inject_adapter, lambda args, _: args[0].model)
