@@ -12,6 +12,7 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def(lora_kernels::schema::kFusedBackward);
   m.def(lora_kernels::schema::kDropoutKeepMask);
   m.def(lora_kernels::schema::kDropoutKeepBits);
+  m.def(lora_kernels::schema::kDecode4bit);
 }
 
 // `import lora_kernels._C` loads this library, which registers the ops above.

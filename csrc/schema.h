@@ -35,5 +35,14 @@ constexpr const char* kDropoutKeepMask = "dropout_keep_mask(Tensor seed, int row
 constexpr const char* kDropoutKeepBits =
     "dropout_keep_bits(Tensor seed, int first_group, int count, float dropout_p) -> Tensor";
 
+// Decodes a bitsandbytes 4-bit weight (lora_kernels/base_weights/nf4.py: packed uint8 (N*K/2,),
+// two codes per byte, high nibble first; absmax float32 per run of `blocksize` flat elements;
+// code float32 (16,)) into out (R, C) contiguous, float32/float16/bfloat16: out[r][c] =
+// code[q(i)] * absmax[i / blocksize] rounded once to out's dtype, i = first + r*row_stride + c.
+// A row tile of W₀ is row_stride = C = K; a column slab is C < K. CPU only.
+constexpr const char* kDecode4bit =
+    "decode_4bit(Tensor packed, Tensor absmax, Tensor code, int first, int row_stride, int blocksize, "
+    "Tensor(a!) out) -> ()";
+
 }  // namespace schema
 }  // namespace lora_kernels

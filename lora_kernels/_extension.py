@@ -101,9 +101,14 @@ def load_error() -> Optional[str]:
 
 def has_kernel(device_type: str) -> bool:
     """Whether `lora_kernels._C` registered fused kernels for `device_type` ("cpu"/"cuda")."""
+    return has_op("fused_forward", device_type)
+
+
+def has_op(name: str, device_type: str) -> bool:
+    """Whether `lora_kernels._C` registered the op `name` with a kernel for `device_type`."""
     import torch
 
     if load_error() is not None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels::fused_forward", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{name}", key)

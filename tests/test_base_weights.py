@@ -104,15 +104,19 @@ def bnb_dequantize(layer, blocksize):
     return compute(weight.data.reshape(-1), absmax, state.code, blocksize, (n, k), state.dtype)
 
 
-@pytest.fixture(params=["tiles", "one-tile", "small-chunks"])
+@pytest.fixture(params=["tiles", "one-tile", "small-chunks", "torch-decoder"])
 def tiling(request, monkeypatch):
     """The default tiling (small test weights give several tiles, each decoded in one chunk), the
-    whole weight as one tile, or chunks of 100 elements (chunks start mid-block and mid-byte)."""
+    whole weight as one tile, or chunks of 100 elements (chunks start mid-block and mid-byte).
+    All three decode with lora_kernels._C's CPU decoder where it is built; "torch-decoder" takes
+    the pure-PyTorch decoder (other devices) with the chunks of "small-chunks"."""
     if request.param == "one-tile":
         monkeypatch.setattr(NF4Weight, "_tile_rows", lambda self: self.shape[0])
         monkeypatch.setattr(NF4Weight, "_slab_blocks", lambda self: self.shape[1] // self.blocksize)
-    elif request.param == "small-chunks":
+    elif request.param in ("small-chunks", "torch-decoder"):
         monkeypatch.setattr(nf4, "CHUNK", 100)
+    if request.param == "torch-decoder":
+        monkeypatch.setattr(NF4Weight, "_decode_compiled", lambda self, first, row_stride, out: False)
     return request.param
 
 

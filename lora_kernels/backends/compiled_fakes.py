@@ -28,3 +28,8 @@ def _dropout_keep_mask_fake(seed, rows, cols, dropout_p):
 @torch.library.register_fake("lora_kernels::dropout_keep_bits")
 def _dropout_keep_bits_fake(seed, first_group, count, dropout_p):
     return seed.new_empty(count, dtype=torch.uint8)
+
+
+@torch.library.register_fake("lora_kernels::decode_4bit")
+def _decode_4bit_fake(packed, absmax, code, first, row_stride, blocksize, out):
+    return None

@@ -42,6 +42,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lora_kernels import _extension
 from lora_kernels.base_weights.base import BaseWeight, register_format
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -154,7 +155,8 @@ class NF4Weight(BaseWeight):
         if not 0 <= n0 <= n1 <= n:
             raise ValueError(f"dense_rows: need 0 <= n0 <= n1 <= N={n}, got n0={n0}, n1={n1}")
         out = torch.empty(n1 - n0, k, dtype=self._dtype, device=self.device)
-        self._decode_flat(n0 * k, n1 * k, out.view(-1), self._scratch())
+        if not self._decode_compiled(n0 * k, k, out):
+            self._decode_flat(n0 * k, n1 * k, out.view(-1), self._scratch())
         return out
 
     def row_norms_sq(self) -> Tensor:
@@ -311,6 +313,14 @@ class NF4Weight(BaseWeight):
         torch.index_select(self._pairs(), 0, idx[:nbytes], out=vals[:nbytes])
         return vals[:nbytes].view(torch.float32)
 
+    def _decode_compiled(self, first: int, row_stride: int, out: Tensor) -> bool:
+        """out (R, C) = W₀.flat[first + r*row_stride + c] by lora_kernels._C's CPU decoder (rows
+        in parallel, one pass), if it serves these tensors; False (nothing written) otherwise."""
+        if self.device.type != "cpu" or not _extension.has_op("decode_4bit", "cpu"):
+            return False
+        torch.ops.lora_kernels.decode_4bit(self.packed, self.absmax, self.code, first, row_stride, self.blocksize, out)
+        return True
+
     def _decode_flat(self, e0: int, e1: int, out: Tensor, scratch: Tuple[Tensor, Tensor]) -> None:
         """out (e1 - e0,) in `dtype` = W₀.flat[e0:e1], CHUNK elements at a time."""
         for c0 in range(e0, e1, CHUNK):
@@ -328,7 +338,8 @@ class NF4Weight(BaseWeight):
         for n0 in range(0, n, rows):
             n1 = min(n0 + rows, n)
             out = tile[: (n1 - n0) * k]
-            self._decode_flat(n0 * k, n1 * k, out, scratch)
+            if not self._decode_compiled(n0 * k, k, out.view(n1 - n0, k)):
+                self._decode_flat(n0 * k, n1 * k, out, scratch)
             yield n0, n1, out.view(n1 - n0, k)
 
     def _col_slabs(self) -> Iterator[Tuple[int, int, Tensor]]:
@@ -346,6 +357,9 @@ class NF4Weight(BaseWeight):
             j1 = min(j0 + width, blocks_per_row)
             k0, k1 = j0 * bs, j1 * bs
             slab = tile[: n * (k1 - k0)].view(n, j1 - j0, bs)
+            if self._decode_compiled(k0, k, slab.view(n, k1 - k0)):
+                yield k0, k1, slab.view(n, k1 - k0)
+                continue
             rows = max(1, CHUNK // (k1 - k0))
             for r0 in range(0, n, rows):
                 r1 = min(r0 + rows, n)
