@@ -60,6 +60,11 @@ class BaseWeight(abc.ABC):
     @abc.abstractmethod
     def unflatten(cls, tensors: List[Tensor], meta: List[int]) -> BaseWeight: ...
 
+    def max_temporary_bytes(self) -> int:
+        """The most memory one product allocates besides its output (a tile, its scratch): the
+        format's memory contract (a 4-bit base keeps it under 1/8 of its dequantized weight)."""
+        return 0
+
     def row_norms_sq(self) -> Tensor:
         """‖W₀ₙ‖² per output row n: (N,) float32, in blocks of ROW_BLOCK rows (DoRA's norm)."""
         n, k = self.shape

@@ -273,6 +273,15 @@ class NF4Weight(BaseWeight):
 
     # --- tiles ----------------------------------------------------------------------------------
 
+    def max_temporary_bytes(self) -> int:
+        """One row tile or one column slab of `dtype` (whichever is larger) plus the pure-PyTorch
+        decoder's scratch (12 bytes per pair of a chunk; unused where the compiled decoder runs)."""
+        n, k = self._shape
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        tile = self._tile_rows() * k
+        slab = n * self._slab_blocks() * self.blocksize if k % self.blocksize == 0 else 0
+        return max(tile, slab) * itemsize + 12 * (max(CHUNK, self.blocksize) // 2 + 1)
+
     def _tile_rows(self) -> int:
         """Rows per row tile: at most TILE_BYTES of `dtype` and at most N/16 rows (but one row)."""
         n, k = self._shape
