@@ -218,10 +218,20 @@ def smem_limit(capability=None) -> int:
 SMEM_SLACK = 1024  # barriers and small scratch
 
 
-def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused):
-    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage, the masked x tile, the xa and Bᵀ
-    tiles, the fp32 xa accumulator (F1)."""
-    loop = stages * (bm * bk + bk * bn + (bk * r_pad if fused else 0)) * elem + bm * bk * elem
+def smem_w_tile(tile, stages, elem, w_format=0):
+    """Shared memory of the W operand of a GEMM main loop (`tile` elements a step). Dense: one
+    buffer per pipeline stage. 4-bit (`nf4.W_4BIT`): the per-element byte/absmax/code gathers are
+    not asynchronous copies, so nothing is pipelined through shared memory; the tile dequantized
+    in registers is staged once, in the compute dtype, as the dot's operand (and once more when the
+    software pipeline overlaps it with the next step's dequantization)."""
+    return (stages if w_format == 0 else 2) * tile * elem
+
+
+def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused, w_format=0):
+    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage (`smem_w_tile`), the masked x
+    tile, the xa and Bᵀ tiles, the fp32 xa accumulator (F1)."""
+    loop = stages * (bm * bk + (bk * r_pad if fused else 0)) * elem + smem_w_tile(bk * bn, stages, elem, w_format)
+    loop += bm * bk * elem
     return loop + (bm * r_pad + r_pad * bn) * elem + bm * r_pad * 4 + SMEM_SLACK
 
 
@@ -236,10 +246,10 @@ def smem_gdb(bm, bn, stages, elem, r_pad):
     return loop + 2 * bm * r_pad * 4 + bn * r_pad * 4 + SMEM_SLACK
 
 
-def smem_dx(bm, bk, bn, stages, elem, r_pad):
-    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit), the A tile,
-    the fp32 g and g·A tile."""
-    loop = stages * (bm * bn + bn * bk) * elem
+def smem_dx(bm, bk, bn, stages, elem, r_pad, w_format=0):
+    """_lora_bwd_dx_kernel: dY tiles per stage and the W tiles (`smem_w_tile`); epilogue g (hi/lo
+    for 16-bit), the A tile, the fp32 g and g·A tile."""
+    loop = stages * bm * bn * elem + smem_w_tile(bn * bk, stages, elem, w_format)
     g_parts = 2 if elem < 4 else 1
     epilogue = (g_parts * bm * r_pad + r_pad * bk) * elem + bm * r_pad * 4 + bm * bk * 4
     return loop + epilogue + SMEM_SLACK
@@ -281,6 +291,12 @@ def _elem(named_args, name):
     return named_args[name].element_size()
 
 
+def _compute_elem(named_args, name):
+    """Bytes per element of the compute dtype: `name`'s tensor (x or dY) when given, else W's
+    (the same dtype for a dense W; a 4-bit W's uint8 codes say nothing about it)."""
+    return _elem(named_args, name if named_args.get(name) is not None else "w_ptr")
+
+
 def _device(named_args, name):
     return getattr(named_args.get(name), "device", None)
 
@@ -297,9 +313,10 @@ def fp32_tiles(r_pad: int) -> list:
     return _FP32_R16 if r_pad <= 16 else _FP32_MID_R if r_pad <= 64 else _FP32_WIDE_R
 
 
-def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0):
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0,
+                compute_arg="x_ptr"):
     small_m = named_args["M_BUCKET"] <= SMALL_M
-    elem = _elem(named_args, "w_ptr")
+    elem = _compute_elem(named_args, compute_arg)
     r_pad = kwargs.get("R_PAD", 16)
     # K % 8 != 0: every row of a tile makes one more mask group (its spill group).
     extra_groups_per_row = 0 if kwargs.get("K_ALIGNED", True) else 1
@@ -334,9 +351,10 @@ def prune_fwd(configs, named_args, **kwargs):
     fits."""
     fused = kwargs.get("FUSE_XA", False)
     mask = fused and kwargs.get("HAS_DROPOUT", False)
+    w_format = kwargs.get("W_FORMAT", 0)
 
     def smem(t, elem, rp):
-        return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
+        return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused, w_format)
 
     mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
     aligned = kwargs.get("K_ALIGNED", True)
@@ -349,13 +367,15 @@ def prune_dx(configs, named_args, **kwargs):
     """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
     makes the mask when there is dropout (fewer accumulators a thread when K % 8 != 0 or R_PAD >= 64)."""
     mask = kwargs.get("HAS_DROPOUT", False)
+    w_format = kwargs.get("W_FORMAT", 0)
 
     def smem(t, elem, rp):
-        return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
+        return smem_dx(t[0], t[1], t[2], t[5], elem, rp, w_format)
 
     tight = not kwargs.get("K_ALIGNED", True) or kwargs.get("R_PAD", 16) >= 64
     mask_acc = (DX_TIGHT_MASKED_ACC_PER_THREAD if tight else MASKED_ACC_PER_THREAD) if mask else 0
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM")
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM",
+                       compute_arg="dy_ptr")
 
 
 def prune_stream(configs, named_args, **kwargs):
@@ -496,7 +516,7 @@ SPLITK_REDUCE_BLOCK = 1024
 _SPLITK_16BIT = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4), (64, 64, 64, 1, 4, 4)]
 
 
-def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET, w_format: int = 0):
     """The split-K forward tile for M rows of `elem`-byte inputs: the smallest decode row with
     BLOCK_M >= M (fp32: the last of `fp32_tiles`) whose shared memory (`smem_fwd`, F2) fits `limit`;
     None when none does (the autotuned kernel then raises its own error)."""
@@ -507,13 +527,13 @@ def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = I
     else:
         rows = [t for t in _SPLITK_16BIT if t[0] >= min(m, 64)]
     for t in rows:
-        if smem_fwd(t[0], t[1], t[2], t[5], elem, r_pad, False) <= limit:
+        if smem_fwd(t[0], t[1], t[2], t[5], elem, r_pad, False, w_format) <= limit:
             return _config(*t)
     return None
 
 
 def splitk_plan(m: int, n: int, k: int, sm_count: int, elem: int, r_pad: int, limit: int,
-                interpret: bool = INTERPRET):
+                interpret: bool = INTERPRET, w_format: int = 0):
     """(config, SPLIT_K, K_PER_SPLIT) for the F2 forward GEMM, or None for the unsplit autotuned
     kernel (M > SMALL_M, or one split is enough). SPLIT_K is the fewest splits that make
     tiles·SPLIT_K >= sm_count (one wave), at most SPLITK_MAX and leaving every split at least
@@ -521,7 +541,7 @@ def splitk_plan(m: int, n: int, k: int, sm_count: int, elem: int, r_pad: int, li
     The fp32 workspace is SPLIT_K·M·N·4 bytes (<= 16·64·N·4)."""
     if m > SMALL_M:
         return None
-    cfg = splitk_config(m, elem, r_pad, limit, interpret)
+    cfg = splitk_config(m, elem, r_pad, limit, interpret, w_format)
     if cfg is None:
         return None
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
