@@ -166,9 +166,9 @@ def _lora_bwd_dx_kernel(
     mask_r = offs_r < R
     offs_n = tl.arange(0, BLOCK_N)
     dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
-    if W_FORMAT == W_4BIT:  # flat index (n*K + k) of the W tile: int64 start + int32 offsets
+    if W_FORMAT == W_4BIT:  # flat index n*K + k of the W tile: int64 start + int32 offsets
         w_flat0 = (pid_k * BLOCK_K).to(tl.int64)
-        w_local = offs_n[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+        w_row_off = offs_n[:, None] * K
     else:
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
@@ -176,8 +176,9 @@ def _lora_bwd_dx_kernel(
         mask_n = (n0 + offs_n) < N
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         if W_FORMAT == W_4BIT:
-            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_local, mask_n[:, None] & mask_k[None, :],
-                              QBLOCK, dy_ptr.dtype.element_ty)
+            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_row_off, mask_n[:, None],
+                              tl.arange(0, BLOCK_K)[None, :], K - pid_k * BLOCK_K, BLOCK_K, QBLOCK,
+                              dy_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)

@@ -70,6 +70,8 @@ def compile_kernel(kernel, constexprs: dict, config, arch: int, dtype: str = "bf
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
+            if name == "w_ptr" and consts.get("W_FORMAT"):
+                signature[name] = "*u8"
         elif name in ("scaling", "inv_keep"):
             signature[name] = "fp32"
         else:

@@ -84,6 +84,15 @@ _FP32_R16 = [(32, 64, 32, 1, 4, 4), (32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)
 # R_PAD > 64 adds 16x32, which fits shared memory at R_PAD 256 on sm86.
 _FP32_MID_R = [(32, 32, 32, 1, 4, 2)]
 _FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
+# 4-bit W (`nf4.W_4BIT`): each step dequantizes its W tile in registers (a byte, a code lookup and
+# a scale select per element), so a thread holds its share of the W tile on top of the
+# accumulators. ptxas (-v, AOT, R_PAD 16, F2 / F1 with dropout / dX with dropout) spills at
+# 16-bit 128x128x32/4 warps (sm80, 108 bytes), 64x128x32/4 (dX, 20), 16x64x128/4 (8-16),
+# 64x64x64/4 (sm80, 20), 128x128x64/8 (sm90 F1, 28) and fp32 32x32x32/4 (4-12); none at these.
+_W4_SM80 = [(128, 64, 32, 8, 8, 4)]
+_W4_SM90 = [(128, 64, 64, 8, 8, 4)]
+_W4_SMALL = [(32, 64, 32, 1, 4, 4), (16, 32, 64, 1, 2, 3)]
+_W4_FP32 = [(16, 32, 32, 1, 4, 2)]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
@@ -135,8 +144,9 @@ def _gemm_rows(interpret: bool, capability):
     if interpret:
         return [_INTERPRET_GEMM]
     major = (capability or _capability())[0]
-    rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL + _FALLBACK
-    for t in _FP32_R16 + _FP32_WIDE_R:
+    rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL
+    rows += [t for t in (_W4_SM90 if major >= 9 else _W4_SM80) + _W4_SMALL if t not in rows] + _FALLBACK
+    for t in _FP32_R16 + _FP32_WIDE_R + _W4_FP32:
         if t not in rows:
             rows.append(t)
     return rows
@@ -220,11 +230,13 @@ SMEM_SLACK = 1024  # barriers and small scratch
 
 def smem_w_tile(tile, stages, elem, w_format=0):
     """Shared memory of the W operand of a GEMM main loop (`tile` elements a step). Dense: one
-    buffer per pipeline stage. 4-bit (`nf4.W_4BIT`): the per-element byte/absmax/code gathers are
-    not asynchronous copies, so nothing is pipelined through shared memory; the tile dequantized
-    in registers is staged once, in the compute dtype, as the dot's operand (and once more when the
-    software pipeline overlaps it with the next step's dequantization)."""
-    return (stages if w_format == 0 else 2) * tile * elem
+    buffer per pipeline stage. 4-bit (`nf4.W_4BIT`): the tile dequantized in registers is staged
+    as the dot's operand (two buffers, compute dtype), and Triton's pipeliner may stage the
+    gathers of later steps (code-table and scale lookups as 4-byte cp.async): budgeted at 2 bytes
+    per element and stage, above the ~1.8 compiled on sm90 (compile_check checks the bound)."""
+    if w_format == 0:
+        return stages * tile * elem
+    return tile * (2 * stages + 2 * elem)
 
 
 def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused, w_format=0):
@@ -324,14 +336,21 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
     fits = [c for c in configs if smem(_tiles(c, out_cols, step), elem, r_pad) <= limit]
     if not fits:
         raise _no_config(kernel, r_pad, limit)
+    w4 = kwargs.get("W_FORMAT", 0) != 0
+    if w4:  # only the 4-bit rows, fallback included (see `_W4_SM80`)
+        allowed = _W4_FP32 if elem == 4 else _W4_SM80 + _W4_SM90 + _W4_SMALL
+        fits = [c for c in fits if _tiles(c, out_cols, step) in allowed]
+        if not fits:
+            raise _no_config(kernel + " (4-bit W)", r_pad, limit)
+    large, small = (_W4_SM80 + _W4_SM90, _W4_SMALL) if w4 else (_SM80_LARGE + _SM90_LARGE, _SMALL)
     kept = []
     for c in fits:
         bm, out, red, _, warps, _ = tiles = _tiles(c, out_cols, step)
         if elem == 4:
-            if tiles in fp32_tiles(r_pad):
+            if w4 or tiles in fp32_tiles(r_pad):
                 kept.append(c)
             continue
-        if tiles in _FALLBACK or tiles not in _SMALL + _SM80_LARGE + _SM90_LARGE or (tiles in _SMALL) != small_m:
+        if tiles in _FALLBACK or tiles not in small + large or (tiles in small) != small_m:
             continue
         if max_acc and bm * out > max_acc * 32 * warps:
             continue
@@ -518,10 +537,12 @@ _SPLITK_16BIT = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4), (64, 64, 64, 1,
 
 def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET, w_format: int = 0):
     """The split-K forward tile for M rows of `elem`-byte inputs: the smallest decode row with
-    BLOCK_M >= M (fp32: the last of `fp32_tiles`) whose shared memory (`smem_fwd`, F2) fits `limit`;
+    BLOCK_M >= M (fp32: the last of `fp32_tiles`; a 4-bit W, `w_format` 1: a `_W4_SMALL` row) whose shared memory (`smem_fwd`, F2) fits `limit`;
     None when none does (the autotuned kernel then raises its own error)."""
     if interpret:
         rows = [_INTERPRET_GEMM]
+    elif w_format:  # the 4-bit rows (`_W4_SMALL`), fewest rows first
+        rows = _W4_FP32 if elem == 4 else [t for t in _W4_SMALL[::-1] if t[0] >= min(m, 32)]
     elif elem == 4:
         rows = fp32_tiles(r_pad)[-1:]
     else:

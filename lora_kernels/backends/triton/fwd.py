@@ -137,9 +137,9 @@ def _lora_fwd_kernel(
 
     offs_kk = (k_begin + offs_k).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_kk[None, :] * stride_xk
-    if W_FORMAT == W_4BIT:  # flat index (n*K + k) of the Wᵀ tile: int64 start + int32 offsets
+    if W_FORMAT == W_4BIT:  # flat index n*K + k of the Wᵀ tile: int64 start + int32 offsets
         w_flat0 = (pid_n * BLOCK_N).to(tl.int64) * K + k_begin
-        w_local = tl.arange(0, BLOCK_N)[None, :] * K + offs_k[:, None]
+        w_row_off = tl.arange(0, BLOCK_N)[None, :] * K
     else:
         w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_kk[:, None] * stride_wk  # Wᵀ tile
     # Epilogue operands Bᵀ and bias are loaded before the main loop, so their latency hides
@@ -160,8 +160,8 @@ def _lora_fwd_kernel(
         mask_k = (k0 + offs_k) < k_end
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if W_FORMAT == W_4BIT:
-            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_local, mask_k[:, None] & mask_n[None, :],
-                              QBLOCK, x_ptr.dtype.element_ty)
+            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_row_off, mask_n[None, :], offs_k[:, None],
+                              k_end - k0, BLOCK_K, QBLOCK, x_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)

@@ -34,21 +34,39 @@ MAX_K = (2**31 - 1 - MAX_BLOCKSIZE) // MAX_TILE_SPAN
 
 
 @triton.jit
-def _dequant_4bit(packed_ptr, absmax_ptr, code_ptr, flat0, local, mask, QBLOCK: tl.constexpr,
-                  dtype: tl.constexpr):
-    """The W₀ elements at flat indices flat0 + local, dequantized to `dtype` (0 where ~mask).
+def _dequant_4bit(packed_ptr, absmax_ptr, code_ptr, flat0, row_off, row_mask, col, ncols,
+                  COLS: tl.constexpr, QBLOCK: tl.constexpr, dtype: tl.constexpr):
+    """A W₀ tile dequantized to `dtype`, 0 outside (row_mask, col < ncols).
 
-    flat0: int64 scalar, the tile's first flat index; local: int32 tile (>= 0) of offsets from it;
-    QBLOCK: the blocksize (a power of two, so // is a shift). Loads: the byte of each element,
-    its absmax, and its code entry (a 64-byte table, L1-resident)."""
+    The tile holds COLS consecutive elements of each of some rows of W₀ (a k range of rows n):
+    element (row, col) is flat index flat0 + row_off + col. flat0: int64 scalar; row_off (row
+    offsets, e.g. n*K) and col (0..COLS-1) int32, >= 0, shaped to broadcast to the tile's
+    orientation ((1, BN) and (BK, 1) for Wᵀ, (BN, 1) and (1, BK) for W); row_mask like row_off;
+    ncols: valid columns (<= COLS). QBLOCK: the blocksize, a power of two (// is a shift).
+
+    Per element: one byte load and one lookup in the 16-entry code table (64 bytes, L1-resident).
+    The scales are loaded per row, not per element: a row's COLS elements span at most
+    NB = COLS/QBLOCK + 2 consecutive blocks (blocks run over the flat index, so they need not
+    start at a row), loaded as NB row vectors and selected per element."""
+    ncols = tl.minimum(ncols, COLS)  # callers pass what is left of the row; the tile holds COLS
+    mask = row_mask & (col < ncols)
+    local = row_off + col
     odd = (flat0 & 1).to(tl.int32)
     rel = local + odd  # offsets from the even index flat0 - odd: the byte is rel >> 1
     byte = tl.load(packed_ptr + (flat0 >> 1) + (rel >> 1), mask=mask, other=0)
     nibble = tl.where((rel & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
     value = tl.load(code_ptr + nibble)  # masked elements read code[0], scaled by 0 below
-    rem = (flat0 % QBLOCK).to(tl.int32)
-    scale = tl.load(absmax_ptr + flat0 // QBLOCK + (local + rem) // QBLOCK, mask=mask, other=0.0)
-    return (value * scale).to(dtype)
+    row_start = flat0 + row_off  # int64, the flat index of each row's first element here
+    first = row_start // QBLOCK
+    lead = (row_start % QBLOCK).to(tl.int32)  # elements of block `first` before the row starts
+    which = (lead + col) // QBLOCK  # the element's block, relative to `first`
+    NB: tl.constexpr = COLS // QBLOCK + 2
+    scale = tl.load(absmax_ptr + first, mask=row_mask, other=0.0)
+    for t in tl.static_range(1, NB):
+        # block first + t holds an element of this row iff the row's last one reaches it
+        used = row_mask & (lead + ncols - 1 >= t * QBLOCK)
+        scale = tl.where(which == t, tl.load(absmax_ptr + first + t, mask=used, other=0.0), scale)
+    return tl.where(mask, value * scale, 0.0).to(dtype)
 
 
 class PackedWeight4bit(NamedTuple):
