@@ -338,7 +338,7 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
         raise _no_config(kernel, r_pad, limit)
     w4 = kwargs.get("W_FORMAT", 0) != 0
     if w4:  # only the 4-bit rows, fallback included (see `_W4_SM80`)
-        allowed = _W4_FP32 if elem == 4 else _W4_SM80 + _W4_SM90 + _W4_SMALL
+        allowed = (_W4_FP32 if elem == 4 else _W4_SM80 + _W4_SM90 + _W4_SMALL) + [_INTERPRET_GEMM]
         fits = [c for c in fits if _tiles(c, out_cols, step) in allowed]
         if not fits:
             raise _no_config(kernel + " (4-bit W)", r_pad, limit)
