@@ -175,10 +175,16 @@ def _compile_check(*args, timeout=900):
 
 def test_static_report_quick():
     """The CI subset of the static report: sm80 + sm90, bf16, R_PAD 16 and 256, the heaviest
-    variant of each kernel at its largest and smallest selectable config; every check holds."""
+    variant of each kernel at its largest and smallest selectable config, and the 4-bit W forward
+    (F2) and dX GEMMs (dropout); every check holds (no spills, smem within model and limit, the
+    4-bit W dequantized inside the main loop)."""
     proc = _compile_check("--report", "--quick", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     assert proc.stdout.count("\nok   sm") >= 20 and "FAIL" not in proc.stdout, proc.stdout
+    for arch in (80, 90):  # the 4-bit forward and dX GEMMs are among the checked rows, on both archs
+        for variant in ("F2 4bit", "dropout=True aligned=True 4bit"):
+            assert f" {variant} " in "".join(line for line in proc.stdout.splitlines(True)
+                                             if line.startswith(f"ok   sm{arch} ")), (arch, variant)
 
 
 @pytest.mark.slow
@@ -258,3 +264,68 @@ def test_decode_splitk_fills_a_wave(arch, elem):
     assert (split - 1) * k_per_split < k <= split * k_per_split  # no empty split
     assert split * m * n * 4 <= 4 * 2**20
     assert configs.splitk_plan(65, n, k, 132, elem, 16, limit, interpret=False) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_4bit_configs_are_the_checked_rows(arch, dtype):
+    """A 4-bit W (W_FORMAT 1) selects only the rows whose compiled kernels the static report found
+    spill-free (`configs._W4_*`), within the arch's shared memory by the 4-bit model, at every
+    R_PAD, M bucket and switch; the split-K plan too."""
+    cap, limit, elem = ARCHS[arch], configs.SMEM_LIMIT_BY_ARCH[arch], dtype.itemsize
+    gemm = configs.gemm_configs(interpret=False, capability=cap)
+    dxc = configs.dx_configs(interpret=False, capability=cap)
+    rows = configs._W4_FP32 if elem == 4 else configs._W4_SM80 + configs._W4_SM90 + configs._W4_SMALL
+    u8, w = torch.empty(0, dtype=torch.uint8), _meta(dtype)
+    for rp in R_PADS:
+        for bucket in (16, 8192):
+            flags = dict(R_PAD=rp, SMEM_LIMIT=limit, W_FORMAT=1)
+            for drop in (True, False):
+                for fused in ((True, False) if rp <= configs.F1_MAX_R_PAD else (False,)):
+                    for c in configs.prune_fwd(gemm, {"M_BUCKET": bucket, "w_ptr": u8, "x_ptr": w}, FUSE_XA=fused,
+                                               HAS_DROPOUT=drop, **flags):
+                        kw = c.kwargs
+                        assert configs._tiles(c, "BLOCK_N", "BLOCK_K") in rows, c
+                        assert configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, rp,
+                                                fused, 1) <= limit
+                for c in configs.prune_dx(dxc, {"M_BUCKET": bucket, "w_ptr": u8, "dy_ptr": w}, HAS_DROPOUT=drop,
+                                          **flags):
+                    kw = c.kwargs
+                    assert configs._tiles(c, "BLOCK_K", "BLOCK_N") in rows, c
+                    assert configs.smem_dx(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, elem, rp,
+                                           1) <= limit
+        plan = configs.splitk_plan(16, 4096, 4096, 132, elem, rp, limit, interpret=False, w_format=1)
+        assert plan is None or configs._tiles(plan[0], "BLOCK_N", "BLOCK_K") in rows, plan
+
+
+def test_4bit_main_loop_dequantizes_in_ptx():
+    """Compiled evidence that the 4-bit forward and dX GEMMs dequantize inside their main loops
+    (sm80 and sm90, bf16, each arch's 4-bit row): the innermost PTX loop with the MMAs issues the
+    packed-byte loads and the 4-byte code/scale gathers and stores nothing to global memory, and
+    the whole kernel has exactly the global stores of its dense twin (the output tile only: no
+    dequantized W is written anywhere). The dense twin's loop has no byte loads (the check can fail)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from lora_kernels.backends.triton import compile_check, fwd
+
+    try:
+        get_ptxas(90).path, get_ptxas(80).path
+    except Exception as exc:
+        pytest.skip(f"no ptxas to compile for sm80/sm90: {exc}")
+    if configs.INTERPRET:
+        pytest.skip("kernels were decorated for the interpreter in this session")
+    cases = [
+        (80, fwd._lora_fwd_kernel, configs._config(*configs._W4_SM80[0]),
+         dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=16, DOT_PRECISION="ieee",
+              SPLIT_MODE=0, seed_ptr=None)),
+        (90, triton_bwd._lora_bwd_dx_kernel, configs._dx_config(*configs._W4_SM90[0]),
+         dict(HAS_DROPOUT=True, K_ALIGNED=True, R_PAD=16, DOT_PRECISION="ieee")),
+    ]
+    for arch, kernel, cfg, consts in cases:
+        four = compile_check.compile_kernel(kernel, dict(consts, W_FORMAT=1, QBLOCK=64), cfg, arch).asm["ptx"]
+        dense = compile_check.compile_kernel(kernel, dict(consts, W_FORMAT=0, QBLOCK=1, absmax_ptr=None,
+                                                          code_ptr=None), cfg, arch).asm["ptx"]
+        loop = compile_check.dequant_in_main_loop(four)
+        assert loop["byte_loads"] > 0 and loop["word_gathers"] > 0 and loop["global_stores"] == 0, (arch, loop)
+        assert compile_check.global_stores(four) == compile_check.global_stores(dense), arch
+        assert compile_check.dequant_in_main_loop(dense)["byte_loads"] == 0, arch

@@ -20,7 +20,8 @@ It exits non-zero when a check fails:
   dequant   4-bit W variants ("4bit", W_FORMAT 1, blocksize 64): the innermost PTX loop holding
             the MMAs also holds the packed-byte loads and 4-byte table/scale gathers, and no
             global store (the W tile is dequantized in the main loop, never written out).
---quick: the CI subset (sm80 + sm90, bf16, R_PAD 16 and 256, heaviest variants). Without
+--quick: the CI subset (sm80 + sm90, bf16, R_PAD 16 and 256, heaviest variants; the 4-bit W
+forward (F2) and dX GEMMs at R_PAD 16). Without
 --report, compiles the quick subset and prints one line per kernel (the old smoke test).
 Arguments are specialised the way a launch on contiguous, 16-byte aligned tensors is (unit
 strides constexpr 1, other ints and pointers divisible by 16). Must run without TRITON_INTERPRET=1.
@@ -231,7 +232,10 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
 
     out = []
     # W_FORMAT 0 (dense W) and 1 (4-bit, `nf4.W_4BIT`, at bitsandbytes' default blocksize 64).
-    for wf, tag in ((0, ""), (1, " 4bit")):
+    # --quick checks the 4-bit GEMMs at R_PAD <= 64 only (spills are checked there; the full report
+    # covers every R_PAD).
+    formats = ((0, ""), (1, " 4bit")) if not quick or r_pad <= configs.F1_MAX_R_PAD else ((0, ""),)
+    for wf, tag in formats:
         w_flags = dict(W_FORMAT=wf, QBLOCK=64 if wf else 1)
         if r_pad <= configs.F1_MAX_R_PAD:
             for drop, aligned in ((True, True), (True, False), (False, True)):
@@ -274,7 +278,7 @@ def variants(arch: int, dtype: str, r_pad: int, limit: int, quick: bool = False,
                     da_sel,
                     lambda c: configs.smem_da(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad)))
     dx_variants = [(True, True), (True, False), (False, True)]
-    for wf, tag in ((0, ""), (1, " 4bit")):
+    for wf, tag in formats:
         for drop, aligned in (dx_variants[:1] if quick else dx_variants):
             consts = dict(HAS_DROPOUT=drop, K_ALIGNED=aligned, R_PAD=r_pad, DOT_PRECISION=prec, W_FORMAT=wf,
                           QBLOCK=64 if wf else 1)
