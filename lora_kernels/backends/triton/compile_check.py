@@ -20,6 +20,7 @@ It exits non-zero when a check fails:
   dequant   4-bit W variants ("4bit", W_FORMAT 1, blocksize 64): the innermost PTX loop holding
             the MMAs also holds the packed-byte loads and 4-byte table/scale gathers, and no
             global store (the W tile is dequantized in the main loop, never written out).
+--dequant-evidence: compile a 4-bit forward and dX GEMM and their dense twins, compare the PTX.
 --quick: the CI subset (sm80 + sm90, bf16, R_PAD 16 and 256, heaviest variants; the 4-bit W
 forward (F2) and dX GEMMs at R_PAD 16). Without
 --report, compiles the quick subset and prints one line per kernel (the old smoke test).
@@ -411,6 +412,34 @@ def summary(rows) -> list:
     return lines
 
 
+def dequant_evidence(out=sys.stdout) -> int:
+    """Compile the 4-bit forward (F2, sm80 row) and dX GEMM (dropout, sm90 row) and their dense
+    twins (bf16, R_PAD 16); print what each main loop issues. Returns the number of failed checks:
+    the 4-bit loop must issue byte loads and 4-byte gathers and no global store, the 4-bit kernel
+    exactly the global stores of its dense twin (its output tile: no dequantized W written out),
+    and the dense twin's loop no byte load."""
+    cases = [
+        ("fwd F2", 80, fwd._lora_fwd_kernel, configs._config(*configs._W4_SM80[0]),
+         dict(HAS_BIAS=True, HAS_DROPOUT=False, FUSE_XA=False, K_ALIGNED=True, R_PAD=16, DOT_PRECISION="ieee",
+              SPLIT_MODE=0, seed_ptr=None)),
+        ("dx dropout", 90, bwd._lora_bwd_dx_kernel, configs._dx_config(*configs._W4_SM90[0]),
+         dict(HAS_DROPOUT=True, K_ALIGNED=True, R_PAD=16, DOT_PRECISION="ieee")),
+    ]
+    failures = 0
+    for label, arch, kernel, cfg, consts in cases:
+        four = compile_kernel(kernel, dict(consts, W_FORMAT=1, QBLOCK=64), cfg, arch).asm["ptx"]
+        dense = compile_kernel(kernel, dict(consts, W_FORMAT=0, QBLOCK=1, absmax_ptr=None, code_ptr=None), cfg,
+                               arch).asm["ptx"]
+        loop, dense_loop = dequant_in_main_loop(four), dequant_in_main_loop(dense)
+        stores = (global_stores(four), global_stores(dense))
+        ok = (loop["byte_loads"] > 0 and loop["word_gathers"] > 0 and loop["global_stores"] == 0
+              and stores[0] == stores[1] and dense_loop["byte_loads"] == 0)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} sm{arch} {label:10} 4bit loop {loop} | dense loop {dense_loop} | "
+              f"global stores 4bit/dense {stores[0]}/{stores[1]}", file=out, flush=True)
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="the static report (table + checks)")
@@ -422,10 +451,14 @@ def main(argv=None) -> int:
     parser.add_argument("--r-pad", default=None, help="comma-separated R_PAD (default 16..256; quick 16,256)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiles")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--dequant-evidence", action="store_true",
+                        help="only the PTX check that 4-bit W tiles are dequantized inside the main loops")
     args = parser.parse_args(argv)
     if configs.INTERPRET:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
+    if args.dequant_evidence:
+        return 1 if dequant_evidence() else 0
     quick = args.quick or not args.report
     archs = [int(a) for a in (args.arch or ("80,90" if quick else "80,86,90")).split(",")]
     dtypes = (args.dtype or ("bf16" if quick else "bf16,fp16,fp32")).split(",")
