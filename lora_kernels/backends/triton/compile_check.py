@@ -370,14 +370,17 @@ def _fmt(row) -> str:
                if "dequant" in row else ""))
 
 
-def report(archs, dtypes, r_pads, quick=False, jobs=1, out=sys.stdout, extremes=False) -> list:
-    """Compile every case, print the table, return the rows (each with its 'violations')."""
+def report(archs, dtypes, r_pads, quick=False, jobs=1, out=sys.stdout, extremes=False, only=None) -> list:
+    """Compile every case (whose variant contains `only`, when given), print the table, return the
+    rows (each with its 'violations')."""
     job_list = []
     for arch in archs:
         limit = configs.SMEM_LIMIT_BY_ARCH[arch]
         for dtype in dtypes:
             for rp in r_pads:
                 for name, variant, consts, c, model in variants(arch, dtype, rp, limit, quick, extremes):
+                    if only and only not in variant:
+                        continue
                     job_list.append((arch, dtype, rp, limit, name, variant, consts,
                                      (dict(c.kwargs), c.num_warps, c.num_stages), model))
     print(f"# {len(job_list)} kernels to compile; smem columns: compiled/model/limit (bytes)", file=out, flush=True)
@@ -451,6 +454,7 @@ def main(argv=None) -> int:
     parser.add_argument("--r-pad", default=None, help="comma-separated R_PAD (default 16..256; quick 16,256)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiles")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--only", default=None, help="only the variants whose name contains this (e.g. 4bit)")
     parser.add_argument("--dequant-evidence", action="store_true",
                         help="only the PTX check that 4-bit W tiles are dequantized inside the main loops")
     args = parser.parse_args(argv)
@@ -463,7 +467,7 @@ def main(argv=None) -> int:
     archs = [int(a) for a in (args.arch or ("80,90" if quick else "80,86,90")).split(",")]
     dtypes = (args.dtype or ("bf16" if quick else "bf16,fp16,fp32")).split(",")
     r_pads = [int(r) for r in (args.r_pad or ("16,256" if quick else "16,32,64,128,256")).split(",")]
-    rows = report(archs, dtypes, r_pads, quick=quick, jobs=args.jobs, extremes=args.extremes)
+    rows = report(archs, dtypes, r_pads, quick=quick, jobs=args.jobs, extremes=args.extremes, only=args.only)
     print("\n# summary per kernel variant")
     for line in summary(rows):
         print(line)
