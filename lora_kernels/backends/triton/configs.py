@@ -88,11 +88,12 @@ _FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
 # a scale select per element), so a thread holds its share of the W tile on top of the
 # accumulators. ptxas (-v, AOT, R_PAD 16, F2 / F1 with dropout / dX with dropout) spills at
 # 16-bit 128x128x32/4 warps (sm80, 108 bytes), 64x128x32/4 (dX, 20), 16x64x128/4 (8-16),
-# 64x64x64/4 (sm80, 20), 128x128x64/8 (sm90 F1, 28) and fp32 32x32x32/4 (4-12); none at these.
+# 64x64x64/4 (sm80, 20), 128x128x64/8 (sm90 F1, 28), 16x32x64/2 (sm86 F1 dropout, 16), fp32
+# 32x32x32/4 (4-12) and fp32 16x32x32/4 warps/2 stages (sm90 F1, 12); none at these (sm80/86/90).
 _W4_SM80 = [(128, 64, 32, 8, 8, 4)]
 _W4_SM90 = [(128, 64, 64, 8, 8, 4)]
-_W4_SMALL = [(32, 64, 32, 1, 4, 4), (16, 32, 64, 1, 2, 3)]
-_W4_FP32 = [(16, 32, 32, 1, 4, 2)]
+_W4_SMALL = [(32, 64, 32, 1, 4, 4), (16, 32, 64, 1, 4, 3)]
+_W4_FP32 = [(16, 32, 32, 1, 4, 1)]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
