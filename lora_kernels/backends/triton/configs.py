@@ -146,10 +146,11 @@ def _gemm_rows(interpret: bool, capability):
         return [_INTERPRET_GEMM]
     major = (capability or _capability())[0]
     rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL
-    extras = _FP32_R16 + _FP32_WIDE_R + _W4_FP32
+    extras = _FP32_R16 + _FP32_WIDE_R
     # 4-bit-only rows go before the fallbacks, so the dense order (autotune, pinned dX, and the
     # last-row fallback) stays as it was.
-    rows += [t for t in (_W4_SM90 if major >= 9 else _W4_SM80) + _W4_SMALL if t not in rows + _FALLBACK + extras]
+    w4 = (_W4_SM90 if major >= 9 else _W4_SM80) + _W4_SMALL + _W4_FP32
+    rows += [t for t in w4 if t not in rows + _FALLBACK + extras]
     rows += _FALLBACK
     for t in extras:
         if t not in rows:
