@@ -39,8 +39,9 @@ def _dequant_4bit(packed_ptr, absmax_ptr, code_ptr, flat0, row_off, row_mask, co
     """A W₀ tile dequantized to `dtype`, 0 outside (row_mask, col < ncols).
 
     The tile holds COLS consecutive elements of each of some rows of W₀ (a k range of rows n):
-    element (row, col) is flat index flat0 + row_off + col. flat0: int64 scalar; row_off (row
-    offsets, e.g. n*K) and col (0..COLS-1) int32, >= 0, shaped to broadcast to the tile's
+    element (row, col) is flat index flat0 + row_off + col. flat0: int64 scalar, even (tiles
+    start at multiples of even BLOCK sizes, so byte flat0 // 2 opens with a high nibble); row_off
+    (row offsets, e.g. n*K) and col (0..COLS-1) int32, >= 0, shaped to broadcast to the tile's
     orientation ((1, BN) and (BK, 1) for Wᵀ, (BN, 1) and (1, BK) for W); row_mask like row_off;
     ncols: valid columns (<= COLS). QBLOCK: the blocksize, a power of two (// is a shift).
 
@@ -50,11 +51,9 @@ def _dequant_4bit(packed_ptr, absmax_ptr, code_ptr, flat0, row_off, row_mask, co
     start at a row), loaded as NB row vectors and selected per element."""
     ncols = tl.minimum(ncols, COLS)  # callers pass what is left of the row; the tile holds COLS
     mask = row_mask & (col < ncols)
-    local = row_off + col
-    odd = (flat0 & 1).to(tl.int32)
-    rel = local + odd  # offsets from the even index flat0 - odd: the byte is rel >> 1
-    byte = tl.load(packed_ptr + (flat0 >> 1) + (rel >> 1), mask=mask, other=0)
-    nibble = tl.where((rel & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
+    local = row_off + col  # odd K: a row may start on a low nibble, so the parity is per element
+    byte = tl.load(packed_ptr + (flat0 >> 1) + (local >> 1), mask=mask, other=0)
+    nibble = tl.where((local & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
     value = tl.load(code_ptr + nibble)  # masked elements read code[0], scaled by 0 below
     row_start = flat0 + row_off  # int64, the flat index of each row's first element here
     first = row_start // QBLOCK
