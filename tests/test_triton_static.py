@@ -175,10 +175,16 @@ def _compile_check(*args, timeout=900):
 
 def test_static_report_quick():
     """The CI subset of the static report: sm80 + sm90, bf16, R_PAD 16 and 256, the heaviest
-    variant of each kernel at its largest and smallest selectable config; every check holds."""
+    variant of each kernel at its largest and smallest selectable config, and the 4-bit W forward
+    (F2) and dX GEMMs (dropout); every check holds (no spills, smem within model and limit, the
+    4-bit W dequantized inside the main loop)."""
     proc = _compile_check("--report", "--quick", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     assert proc.stdout.count("\nok   sm") >= 20 and "FAIL" not in proc.stdout, proc.stdout
+    for arch in (80, 90):  # the 4-bit forward and dX GEMMs are among the checked rows, on both archs
+        for variant in ("F2 4bit", "dropout=True aligned=True 4bit"):
+            assert f" {variant} " in "".join(line for line in proc.stdout.splitlines(True)
+                                             if line.startswith(f"ok   sm{arch} ")), (arch, variant)
 
 
 @pytest.mark.slow
@@ -258,3 +264,46 @@ def test_decode_splitk_fills_a_wave(arch, elem):
     assert (split - 1) * k_per_split < k <= split * k_per_split  # no empty split
     assert split * m * n * 4 <= 4 * 2**20
     assert configs.splitk_plan(65, n, k, 132, elem, 16, limit, interpret=False) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_4bit_configs_are_the_checked_rows(arch, dtype):
+    """A 4-bit W (W_FORMAT 1) selects only the rows whose compiled kernels the static report found
+    spill-free (`configs._W4_*`), within the arch's shared memory by the 4-bit model, at every
+    R_PAD, M bucket and switch; the split-K plan too."""
+    cap, limit, elem = ARCHS[arch], configs.SMEM_LIMIT_BY_ARCH[arch], dtype.itemsize
+    gemm = configs.gemm_configs(interpret=False, capability=cap)
+    dxc = configs.dx_configs(interpret=False, capability=cap)
+    rows = configs._W4_FP32 if elem == 4 else configs._W4_SM80 + configs._W4_SM90 + configs._W4_SMALL
+    u8, w = torch.empty(0, dtype=torch.uint8), _meta(dtype)
+    for rp in R_PADS:
+        for bucket in (16, 8192):
+            flags = dict(R_PAD=rp, SMEM_LIMIT=limit, W_FORMAT=1)
+            for drop in (True, False):
+                for fused in ((True, False) if rp <= configs.F1_MAX_R_PAD else (False,)):
+                    for c in configs.prune_fwd(gemm, {"M_BUCKET": bucket, "w_ptr": u8, "x_ptr": w}, FUSE_XA=fused,
+                                               HAS_DROPOUT=drop, **flags):
+                        kw = c.kwargs
+                        assert configs._tiles(c, "BLOCK_N", "BLOCK_K") in rows, c
+                        assert configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, rp,
+                                                fused, 1) <= limit
+                for c in configs.prune_dx(dxc, {"M_BUCKET": bucket, "w_ptr": u8, "dy_ptr": w}, HAS_DROPOUT=drop,
+                                          **flags):
+                    kw = c.kwargs
+                    assert configs._tiles(c, "BLOCK_K", "BLOCK_N") in rows, c
+                    assert configs.smem_dx(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, elem, rp,
+                                           1) <= limit
+        plan = configs.splitk_plan(16, 4096, 4096, 132, elem, rp, limit, interpret=False, w_format=1)
+        assert plan is None or configs._tiles(plan[0], "BLOCK_N", "BLOCK_K") in rows, plan
+
+
+def test_4bit_main_loop_dequantizes_in_ptx():
+    """Compiled evidence that the 4-bit forward and dX GEMMs dequantize inside their main loops
+    (sm80 forward, sm90 dX, bf16): the innermost PTX loop with the MMAs issues the packed-byte
+    loads and the 4-byte code/scale gathers and stores nothing to global memory, and the whole
+    kernel has exactly the global stores of its dense twin (the output tile only: no dequantized
+    W is written anywhere); the dense twin's loop has no byte load (the check can fail)."""
+    proc = _compile_check("--dequant-evidence")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ok   sm") == 2, proc.stdout

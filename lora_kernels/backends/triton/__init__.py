@@ -5,6 +5,7 @@ TRITON_INTERPRET=1). Implements the backend contract of `lora_kernels.contract`;
 
 Kernels by direction live in `fwd.py` / `bwd.py`, the dropout generator in `dropout.py`,
 autotune configs, shared-memory models and the schedule/determinism switches in `configs.py`,
+4-bit (NF4/FP4) base weights, dequantized tile by tile inside the GEMM main loops, in `nf4.py`,
 the static report (compile for sm80/86/90 without a GPU) in `compile_check.py`:
   LORA_KERNELS_TRITON_SCHEDULE=auto|F1|F2   forward schedule (default auto: F1 only without
                                             dropout, small M and r <= 64)
@@ -46,10 +47,23 @@ BACKEND = register(
         module=__name__,
         device_types=("cuda", "cpu"),
         dtypes=TRITON_DTYPES,
-        base_formats=("dense",),  # W₀ is read inside the GEMM main loop
+        base_formats=("dense", "nf4", "fp4"),  # W₀ is read (and 4-bit dequantized) inside the GEMM main loop
         availability=_availability,
     )
 )
+
+
+def _kernel_weight(weights: LoRAWeights, device: torch.device):
+    """W₀ as the kernels take it: the dense (N, K) tensor, or the packed 4-bit tensors of an
+    nf4/fp4 base (`nf4.PackedWeight4bit`, never dequantized here)."""
+    if weights.dense_weight is not None:
+        return weights.dense_weight
+    from lora_kernels.backends.triton.nf4 import FORMATS_4BIT, packed_4bit
+
+    fmt = weights.base.format
+    if fmt not in FORMATS_4BIT:
+        raise ValueError(f"the triton backend reads base weights in dense, nf4 or fp4 format, got {fmt!r}")
+    return packed_4bit(weights.base, device)
 
 
 def forward(x2d, weights: LoRAWeights, spec: LoRASpec, seed, *, schedule=None):
@@ -57,8 +71,8 @@ def forward(x2d, weights: LoRAWeights, spec: LoRASpec, seed, *, schedule=None):
     schedule: "auto" | "F1" | "F2" | None (env LORA_KERNELS_TRITON_SCHEDULE)."""
     from lora_kernels.backends.triton.fwd import lora_forward
 
-    return lora_forward(x2d, weights.dense_weight, weights.bias, weights.lora_A, weights.lora_B, spec.scaling,
-                        spec.dropout_p, seed, schedule=schedule)
+    return lora_forward(x2d, _kernel_weight(weights, x2d.device), weights.bias, weights.lora_A, weights.lora_B,
+                        spec.scaling, spec.dropout_p, seed, schedule=schedule)
 
 
 def backward(dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx, *, deterministic=None) -> LoRAGrads:
@@ -66,5 +80,5 @@ def backward(dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx
     deterministic: True | False | None (env LORA_KERNELS_TRITON_DETERMINISTIC, default True)."""
     from lora_kernels.backends.triton.bwd import lora_backward
 
-    return LoRAGrads(*lora_backward(dy, x2d, weights.dense_weight, weights.lora_A, weights.lora_B, xa, spec.scaling,
+    return LoRAGrads(*lora_backward(dy, x2d, _kernel_weight(weights, x2d.device), weights.lora_A, weights.lora_B, xa, spec.scaling,
                                     spec.dropout_p, seed, compute_dx, deterministic=deterministic))

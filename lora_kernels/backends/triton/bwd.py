@@ -27,6 +27,7 @@ import triton.language as tl
 from lora_kernels.backends.triton import configs
 from lora_kernels.backends.triton.dropout import _dropout_keep, dropout_params
 from lora_kernels.backends.triton.fwd import _device_of, _tile_ids, check_dtype, r_pad
+from lora_kernels.backends.triton.nf4 import W_4BIT, _dequant_4bit, weight_args
 
 
 @triton.jit
@@ -135,13 +136,13 @@ def _lora_bwd_da_kernel(
 
 @triton.autotune(
     configs=configs.dx_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOT_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOT_PRECISION", "W_FORMAT", "QBLOCK"],
     prune_configs_by={"early_config_prune": configs.prune_dx},
 )
 @triton.jit
 def _lora_bwd_dx_kernel(
     dy_ptr, stride_dym, stride_dyn,
-    w_ptr, stride_wn, stride_wk,
+    w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr,
     a_ptr, stride_ar, stride_ak,
     g_ptr, stride_gm, stride_gr,
     dx_ptr, stride_dxm, stride_dxk,
@@ -149,9 +150,11 @@ def _lora_bwd_dx_kernel(
     M, N, K, R, scaling, inv_keep, threshold, M_BUCKET,
     HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W_FORMAT: tl.constexpr = 0, QBLOCK: tl.constexpr = 1,
 ):
     """One (BLOCK_M, BLOCK_K) tile, grouped order: dX = dY·W + s·D⊙(g·A_tile). BLOCK_N is the
-    reduction step over N; g is fp32 (M, r), split hi/lo into two 16-bit operands."""
+    reduction step over N; g is fp32 (M, r), split hi/lo into two 16-bit operands. W_FORMAT as in
+    `fwd._lora_fwd_kernel`: 1 dequantizes each step's (BLOCK_N, BLOCK_K) W tile in registers."""
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -163,15 +166,27 @@ def _lora_bwd_dx_kernel(
     mask_r = offs_r < R
     offs_n = tl.arange(0, BLOCK_N)
     dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
+    if W_FORMAT == W_4BIT:  # flat index n*K + k of the W tile: int64 start + int32 offsets
+        w_flat0 = (pid_k * BLOCK_K).to(tl.int64)
+        w_row_off = offs_n[:, None] * K
+    else:
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
     for n0 in range(0, N, BLOCK_N):
         mask_n = (n0 + offs_n) < N
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if W_FORMAT == W_4BIT:
+            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_row_off, mask_n[:, None],
+                              tl.arange(0, BLOCK_K)[None, :], K - pid_k * BLOCK_K, BLOCK_K, QBLOCK,
+                              dy_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
-        w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
+        if W_FORMAT == W_4BIT:
+            w_flat0 += tl.cast(K, tl.int64) * BLOCK_N
+        else:
+            w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
 
     # Epilogue. g, the A tile and the mask are made only now so they hold no registers in the loop.
     g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
@@ -197,7 +212,8 @@ def _lora_bwd_dx_kernel(
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, deterministic=None):
-    """dy (M, N) contiguous, x2d (M, K) any strides, weight (N, K), lora_A (r, K), lora_B (N, r),
+    """dy (M, N) contiguous, x2d (M, K) any strides, weight (N, K) or a `nf4.PackedWeight4bit`
+    (dequantized tile by tile in the dX GEMM), lora_A (r, K), lora_B (N, r),
     xa (M, r) -> (dx (M, K) or None, dA (r, K), dB (N, r)) in the parameters' dtype.
     The dropout mask is regenerated from `seed` (None: no dropout). `deterministic` (None: env
     LORA_KERNELS_TRITON_DETERMINISTIC, default on) picks pinned configs + ordered partial sums
@@ -243,16 +259,18 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
             DOT_PRECISION=precision, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages, **dcfg.kwargs,
         )
         if compute_dx:
+            w_args, w_flags = weight_args(weight)
             args = (
                 dy, dy.stride(0), dy.stride(1),
-                weight, weight.stride(0), weight.stride(1),
+                *w_args,
                 lora_A, lora_A.stride(0), lora_A.stride(1),
                 g, g.stride(0), g.stride(1),
                 dx, dx.stride(0), dx.stride(1),
                 seed,
                 m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m),
             )
-            flags = dict(HAS_DROPOUT=seed is not None, K_ALIGNED=k % 8 == 0, R_PAD=plan.r_pad, DOT_PRECISION=precision)
+            flags = dict(HAS_DROPOUT=seed is not None, K_ALIGNED=k % 8 == 0, R_PAD=plan.r_pad, DOT_PRECISION=precision,
+                         **w_flags)
             if deterministic:  # pinned: the same tiles, hence the same bits, in every process
                 cfg = plan.dx
                 grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(k, cfg.kwargs["BLOCK_K"]),)
@@ -279,7 +297,8 @@ class BackwardPlan:
 
 
 def plan_backward(m, n, k, r, x2d, weight, has_dropout, compute_dx, deterministic, smem_limit=None):
-    """The `BackwardPlan` for an (M, K) x, (N, K) weight and rank r (see `lora_backward`)."""
+    """The `BackwardPlan` for an (M, K) x, an (N, K) weight (dense or `nf4.PackedWeight4bit`) and
+    rank r (see `lora_backward`)."""
     rp = r_pad(r)
     elem = x2d.element_size()
     limit = smem_limit or configs.device_smem_limit(x2d.device)
@@ -292,9 +311,10 @@ def plan_backward(m, n, k, r, x2d, weight, has_dropout, compute_dx, deterministi
     da_rows = min(triton.cdiv(m, da.kwargs["BLOCK_M"]), configs.da_row_programs_cap(k, r))
     dx_cfg = None
     if deterministic and compute_dx:
-        named = {"M_BUCKET": configs.m_bucket(m), "w_ptr": weight}
+        w_args, w_flags = weight_args(weight)
+        named = {"M_BUCKET": configs.m_bucket(m), "w_ptr": w_args[0], "dy_ptr": x2d}
         dx_cfg = configs.pinned_dx_config(_lora_bwd_dx_kernel.configs, named, R_PAD=rp, HAS_DROPOUT=has_dropout,
-                                          K_ALIGNED=k % 8 == 0, SMEM_LIMIT=limit)
+                                          K_ALIGNED=k % 8 == 0, SMEM_LIMIT=limit, **w_flags)
     return BackwardPlan(r_pad=rp, gdb=gdb, gdb_rows=gdb_rows, g_chunks=g_chunks, chunk_n=chunk_n, da=da,
                         da_rows=da_rows, dx=dx_cfg, db_partials=gdb_rows if deterministic else 1,
                         da_partials=da_rows if deterministic else 1)

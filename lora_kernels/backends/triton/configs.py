@@ -84,6 +84,16 @@ _FP32_R16 = [(32, 64, 32, 1, 4, 4), (32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)
 # R_PAD > 64 adds 16x32, which fits shared memory at R_PAD 256 on sm86.
 _FP32_MID_R = [(32, 32, 32, 1, 4, 2)]
 _FP32_WIDE_R = [(32, 32, 32, 1, 4, 2), (16, 32, 32, 1, 4, 2)]
+# 4-bit W (`nf4.W_4BIT`): each step dequantizes its W tile in registers (a byte, a code lookup and
+# a scale select per element), so a thread holds its share of the W tile on top of the
+# accumulators. ptxas (-v, AOT, R_PAD 16, F2 / F1 with dropout / dX with dropout) spills at
+# 16-bit 128x128x32/4 warps (sm80, 108 bytes), 64x128x32/4 (dX, 20), 16x64x128/4 (8-16),
+# 64x64x64/4 (sm80, 20), 128x128x64/8 (sm90 F1, 28), 16x32x64/2 (sm86 F1 dropout, 16), fp32
+# 32x32x32/4 (4-12) and fp32 16x32x32/4 warps/2 stages (sm90 F1, 12); none at these (sm80/86/90).
+_W4_SM80 = [(128, 64, 32, 8, 8, 4)]
+_W4_SM90 = [(128, 64, 64, 8, 8, 4)]
+_W4_SMALL = [(32, 64, 32, 1, 4, 4), (16, 32, 64, 1, 4, 3)]
+_W4_FP32 = [(16, 32, 32, 1, 4, 1)]
 _INTERPRET_GEMM = (32, 32, 32, 4, 4, 1)  # small but >1 tile on the test shapes, so masks are hit
 
 # Memory-bound kernels: the F2 pre-pass, (BLOCK_M, BLOCK_K, warps, stages), and the dY pass for
@@ -135,8 +145,14 @@ def _gemm_rows(interpret: bool, capability):
     if interpret:
         return [_INTERPRET_GEMM]
     major = (capability or _capability())[0]
-    rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL + _FALLBACK
-    for t in _FP32_R16 + _FP32_WIDE_R:
+    rows = (_SM90_LARGE if major >= 9 else _SM80_LARGE) + _SMALL
+    extras = _FP32_R16 + _FP32_WIDE_R
+    # 4-bit-only rows go before the fallbacks, so the dense order (autotune, pinned dX, and the
+    # last-row fallback) stays as it was.
+    w4 = (_W4_SM90 if major >= 9 else _W4_SM80) + _W4_SMALL + _W4_FP32
+    rows += [t for t in w4 if t not in rows + _FALLBACK + extras]
+    rows += _FALLBACK
+    for t in extras:
         if t not in rows:
             rows.append(t)
     return rows
@@ -218,10 +234,22 @@ def smem_limit(capability=None) -> int:
 SMEM_SLACK = 1024  # barriers and small scratch
 
 
-def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused):
-    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage, the masked x tile, the xa and Bᵀ
-    tiles, the fp32 xa accumulator (F1)."""
-    loop = stages * (bm * bk + bk * bn + (bk * r_pad if fused else 0)) * elem + bm * bk * elem
+def smem_w_tile(tile, stages, elem, w_format=0):
+    """Shared memory of the W operand of a GEMM main loop (`tile` elements a step). Dense: one
+    buffer per pipeline stage. 4-bit (`nf4.W_4BIT`): the tile dequantized in registers is staged
+    as the dot's operand (two buffers, compute dtype), and Triton's pipeliner may stage the
+    gathers of later steps (code-table and scale lookups as 4-byte cp.async): budgeted at 2 bytes
+    per element and stage, above the ~1.8 compiled on sm90 (compile_check checks the bound)."""
+    if w_format == 0:
+        return stages * tile * elem
+    return tile * (2 * stages + 2 * elem)
+
+
+def smem_fwd(bm, bn, bk, stages, elem, r_pad, fused, w_format=0):
+    """_lora_fwd_kernel: x, Wᵀ (and for F1 Aᵀ) tiles per stage (`smem_w_tile`), the masked x
+    tile, the xa and Bᵀ tiles, the fp32 xa accumulator (F1)."""
+    loop = stages * (bm * bk + (bk * r_pad if fused else 0)) * elem + smem_w_tile(bk * bn, stages, elem, w_format)
+    loop += bm * bk * elem
     return loop + (bm * r_pad + r_pad * bn) * elem + bm * r_pad * 4 + SMEM_SLACK
 
 
@@ -236,10 +264,10 @@ def smem_gdb(bm, bn, stages, elem, r_pad):
     return loop + 2 * bm * r_pad * 4 + bn * r_pad * 4 + SMEM_SLACK
 
 
-def smem_dx(bm, bk, bn, stages, elem, r_pad):
-    """_lora_bwd_dx_kernel: dY and W tiles per stage; epilogue g (hi/lo for 16-bit), the A tile,
-    the fp32 g and g·A tile."""
-    loop = stages * (bm * bn + bn * bk) * elem
+def smem_dx(bm, bk, bn, stages, elem, r_pad, w_format=0):
+    """_lora_bwd_dx_kernel: dY tiles per stage and the W tiles (`smem_w_tile`); epilogue g (hi/lo
+    for 16-bit), the A tile, the fp32 g and g·A tile."""
+    loop = stages * bm * bn * elem + smem_w_tile(bn * bk, stages, elem, w_format)
     g_parts = 2 if elem < 4 else 1
     epilogue = (g_parts * bm * r_pad + r_pad * bk) * elem + bm * r_pad * 4 + bm * bk * 4
     return loop + epilogue + SMEM_SLACK
@@ -281,6 +309,12 @@ def _elem(named_args, name):
     return named_args[name].element_size()
 
 
+def _compute_elem(named_args, name):
+    """Bytes per element of the compute dtype: `name`'s tensor (x or dY) when given, else W's
+    (the same dtype for a dense W; a 4-bit W's uint8 codes say nothing about it)."""
+    return _elem(named_args, name if named_args.get(name) is not None else "w_ptr")
+
+
 def _device(named_args, name):
     return getattr(named_args.get(name), "device", None)
 
@@ -297,9 +331,10 @@ def fp32_tiles(r_pad: int) -> list:
     return _FP32_R16 if r_pad <= 16 else _FP32_MID_R if r_pad <= 64 else _FP32_WIDE_R
 
 
-def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0):
+def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, kernel, mask_groups=0, max_acc=0,
+                compute_arg="x_ptr"):
     small_m = named_args["M_BUCKET"] <= SMALL_M
-    elem = _elem(named_args, "w_ptr")
+    elem = _compute_elem(named_args, compute_arg)
     r_pad = kwargs.get("R_PAD", 16)
     # K % 8 != 0: every row of a tile makes one more mask group (its spill group).
     extra_groups_per_row = 0 if kwargs.get("K_ALIGNED", True) else 1
@@ -307,14 +342,21 @@ def _prune_gemm(configs, named_args, kwargs, out_cols, step, mask_acc, smem, ker
     fits = [c for c in configs if smem(_tiles(c, out_cols, step), elem, r_pad) <= limit]
     if not fits:
         raise _no_config(kernel, r_pad, limit)
+    w4 = kwargs.get("W_FORMAT", 0) != 0
+    if w4:  # only the 4-bit rows, fallback included (see `_W4_SM80`)
+        allowed = (_W4_FP32 if elem == 4 else _W4_SM80 + _W4_SM90 + _W4_SMALL) + [_INTERPRET_GEMM]
+        fits = [c for c in fits if _tiles(c, out_cols, step) in allowed]
+        if not fits:
+            raise _no_config(kernel + " (4-bit W)", r_pad, limit)
+    large, small = (_W4_SM80 + _W4_SM90, _W4_SMALL) if w4 else (_SM80_LARGE + _SM90_LARGE, _SMALL)
     kept = []
     for c in fits:
         bm, out, red, _, warps, _ = tiles = _tiles(c, out_cols, step)
         if elem == 4:
-            if tiles in fp32_tiles(r_pad):
+            if w4 or tiles in fp32_tiles(r_pad):
                 kept.append(c)
             continue
-        if tiles in _FALLBACK or tiles not in _SMALL + _SM80_LARGE + _SM90_LARGE or (tiles in _SMALL) != small_m:
+        if tiles in _FALLBACK or tiles not in small + large or (tiles in small) != small_m:
             continue
         if max_acc and bm * out > max_acc * 32 * warps:
             continue
@@ -334,9 +376,10 @@ def prune_fwd(configs, named_args, **kwargs):
     fits."""
     fused = kwargs.get("FUSE_XA", False)
     mask = fused and kwargs.get("HAS_DROPOUT", False)
+    w_format = kwargs.get("W_FORMAT", 0)
 
     def smem(t, elem, rp):
-        return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused)
+        return smem_fwd(t[0], t[1], t[2], t[5], elem, rp, fused, w_format)
 
     mask_acc = F1_MASKED_ACC_PER_THREAD if mask else 0
     aligned = kwargs.get("K_ALIGNED", True)
@@ -349,13 +392,15 @@ def prune_dx(configs, named_args, **kwargs):
     """As `prune_fwd` for the dX kernel (dY and W tiles in the pipeline, `smem_dx`); its epilogue
     makes the mask when there is dropout (fewer accumulators a thread when K % 8 != 0 or R_PAD >= 64)."""
     mask = kwargs.get("HAS_DROPOUT", False)
+    w_format = kwargs.get("W_FORMAT", 0)
 
     def smem(t, elem, rp):
-        return smem_dx(t[0], t[1], t[2], t[5], elem, rp)
+        return smem_dx(t[0], t[1], t[2], t[5], elem, rp, w_format)
 
     tight = not kwargs.get("K_ALIGNED", True) or kwargs.get("R_PAD", 16) >= 64
     mask_acc = (DX_TIGHT_MASKED_ACC_PER_THREAD if tight else MASKED_ACC_PER_THREAD) if mask else 0
-    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM")
+    return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM",
+                       compute_arg="dy_ptr")
 
 
 def prune_stream(configs, named_args, **kwargs):
@@ -496,24 +541,26 @@ SPLITK_REDUCE_BLOCK = 1024
 _SPLITK_16BIT = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4), (64, 64, 64, 1, 4, 4)]
 
 
-def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET):
+def splitk_config(m: int, elem: int, r_pad: int, limit: int, interpret: bool = INTERPRET, w_format: int = 0):
     """The split-K forward tile for M rows of `elem`-byte inputs: the smallest decode row with
-    BLOCK_M >= M (fp32: the last of `fp32_tiles`) whose shared memory (`smem_fwd`, F2) fits `limit`;
+    BLOCK_M >= M (fp32: the last of `fp32_tiles`; a 4-bit W, `w_format` 1: a `_W4_SMALL` row) whose shared memory (`smem_fwd`, F2) fits `limit`;
     None when none does (the autotuned kernel then raises its own error)."""
     if interpret:
         rows = [_INTERPRET_GEMM]
+    elif w_format:  # the 4-bit rows (`_W4_SMALL`), fewest rows first
+        rows = _W4_FP32 if elem == 4 else [t for t in _W4_SMALL[::-1] if t[0] >= min(m, 32)]
     elif elem == 4:
         rows = fp32_tiles(r_pad)[-1:]
     else:
         rows = [t for t in _SPLITK_16BIT if t[0] >= min(m, 64)]
     for t in rows:
-        if smem_fwd(t[0], t[1], t[2], t[5], elem, r_pad, False) <= limit:
+        if smem_fwd(t[0], t[1], t[2], t[5], elem, r_pad, False, w_format) <= limit:
             return _config(*t)
     return None
 
 
 def splitk_plan(m: int, n: int, k: int, sm_count: int, elem: int, r_pad: int, limit: int,
-                interpret: bool = INTERPRET):
+                interpret: bool = INTERPRET, w_format: int = 0):
     """(config, SPLIT_K, K_PER_SPLIT) for the F2 forward GEMM, or None for the unsplit autotuned
     kernel (M > SMALL_M, or one split is enough). SPLIT_K is the fewest splits that make
     tiles·SPLIT_K >= sm_count (one wave), at most SPLITK_MAX and leaving every split at least
@@ -521,7 +568,7 @@ def splitk_plan(m: int, n: int, k: int, sm_count: int, elem: int, r_pad: int, li
     The fp32 workspace is SPLIT_K·M·N·4 bytes (<= 16·64·N·4)."""
     if m > SMALL_M:
         return None
-    cfg = splitk_config(m, elem, r_pad, limit, interpret)
+    cfg = splitk_config(m, elem, r_pad, limit, interpret, w_format)
     if cfg is None:
         return None
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from lora_kernels.backends.triton import configs
 from lora_kernels.backends.triton.dropout import _dropout_keep, dropout_params
+from lora_kernels.backends.triton.nf4 import W_4BIT, _dequant_4bit, weight_args
 
 
 @triton.jit
@@ -86,13 +87,13 @@ def _lora_fwd_xa_kernel(
 
 @triton.autotune(
     configs=configs.gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "FUSE_XA", "HAS_DROPOUT", "DOT_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "FUSE_XA", "HAS_DROPOUT", "DOT_PRECISION", "W_FORMAT", "QBLOCK"],
     prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, stride_xm, stride_xk,
-    w_ptr, stride_wn, stride_wk,
+    w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr,
     bias_ptr,
     a_ptr, stride_ar, stride_ak,
     b_ptr, stride_bn, stride_br,
@@ -103,7 +104,7 @@ def _lora_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_XA: tl.constexpr, K_ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_MODE: tl.constexpr = 0,
+    SPLIT_MODE: tl.constexpr = 0, W_FORMAT: tl.constexpr = 0, QBLOCK: tl.constexpr = 1,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y = x·Wᵀ + b + s·xa·Bᵀ. FUSE_XA (F1): xa is accumulated here
     and stored by the pid_n == 0 tiles; else (F2) it is read from xa_ptr.
@@ -111,7 +112,11 @@ def _lora_fwd_kernel(
     Split-K (F2 only, SPLIT_MODE 1 or 2; K_PER_SPLIT a multiple of BLOCK_K): program axis 1 picks
     the K range [pid_k·K_PER_SPLIT, +K_PER_SPLIT); split 0 alone adds b + s·xa·Bᵀ. The fp32 partial
     goes to ws_ptr: SPLIT_MODE 1 stores it at ws[pid_k] (summed in split order by
-    `_splitk_reduce_kernel`: deterministic), 2 atomically adds it into ws[0] (order not fixed)."""
+    `_splitk_reduce_kernel`: deterministic), 2 atomically adds it into ws[0] (order not fixed).
+
+    W_FORMAT 0: w_ptr is W (N, K) with strides; 1 (`nf4.W_4BIT`): w_ptr the packed 4-bit codes,
+    absmax_ptr/code_ptr their scales and table, QBLOCK the blocksize; each step's Wᵀ tile is
+    dequantized in registers (`nf4._dequant_4bit`) right before its dot."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     if SPLIT_MODE == 0:  # compile-time: F1/unsplit F2 keep constant loop bounds (F1 spilled otherwise)
@@ -132,7 +137,11 @@ def _lora_fwd_kernel(
 
     offs_kk = (k_begin + offs_k).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_kk[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_kk[:, None] * stride_wk  # Wᵀ tile
+    if W_FORMAT == W_4BIT:  # flat index n*K + k of the Wᵀ tile: int64 start + int32 offsets
+        w_flat0 = (pid_n * BLOCK_N).to(tl.int64) * K + k_begin
+        w_row_off = tl.arange(0, BLOCK_N)[None, :] * K
+    else:
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_kk[:, None] * stride_wk  # Wᵀ tile
     # Epilogue operands Bᵀ and bias are loaded before the main loop, so their latency hides
     # behind it (xa, a row-block operand, is loaded after: preloading it too made sm80 128x128
     # tiles on 4 warps spill).
@@ -150,7 +159,11 @@ def _lora_fwd_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         mask_k = (k0 + offs_k) < k_end
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_FORMAT == W_4BIT:
+            w = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, w_flat0, w_row_off, mask_n[None, :], offs_k[:, None],
+                              k_end - k0, BLOCK_K, QBLOCK, x_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if FUSE_XA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -160,7 +173,10 @@ def _lora_fwd_kernel(
             acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
             a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
         x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
-        w_ptrs += tl.cast(stride_wk, tl.int64) * BLOCK_K
+        if W_FORMAT == W_4BIT:
+            w_flat0 += BLOCK_K
+        else:
+            w_ptrs += tl.cast(stride_wk, tl.int64) * BLOCK_K
 
     # Epilogue: + b + s·xa·B_tileᵀ; xa is rounded to the input dtype exactly as it is stored (and
     # as F2 reads it back), so F1 and F2 give the same y up to summation order.
@@ -224,7 +240,8 @@ def r_pad(r: int) -> int:
 
 
 def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, schedule=None):
-    """x2d (M, K) any strides, weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r) ->
+    """x2d (M, K) any strides, weight (N, K) or a `nf4.PackedWeight4bit` of shape (N, K) (read
+    and dequantized by the GEMM itself), bias (N,) or None, lora_A (r, K), lora_B (N, r) ->
     (y (M, N), xa (M, r)), both in x's dtype. Dropout is on iff `seed` (int64, shape (1,)) is given.
     `schedule`: "auto" | "F1" | "F2" (None: env LORA_KERNELS_TRITON_SCHEDULE, default "auto")."""
     check_dtype(x2d)
@@ -251,11 +268,13 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
                 m, k, r, inv_keep, threshold, configs.m_bucket(m),
                 **common,
             )
+        w_args, w_flags = weight_args(weight)
         plan = None if fuse_xa else configs.splitk_plan(
-            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs.device_smem_limit(x2d.device))
+            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs.device_smem_limit(x2d.device),
+            w_format=w_flags["W_FORMAT"])
         args = (
             x2d, x2d.stride(0), x2d.stride(1),
-            weight, weight.stride(0), weight.stride(1),
+            *w_args,
             bias,
             lora_A, lora_A.stride(0), lora_A.stride(1),
             lora_B, lora_B.stride(0), lora_B.stride(1),
@@ -264,7 +283,7 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
             seed,
         )
         scalars = (m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m))
-        flags = dict(HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common)
+        flags = dict(HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common, **w_flags)
         if plan is None:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             _lora_fwd_kernel[grid](*args, None, *scalars, k, **flags)
