@@ -339,6 +339,17 @@ def effective_dropout(dropout_p: float, scaling: float, training: bool) -> LoRAS
     return LoRASpec(float(scaling), p)
 
 
+def call_seed(seed: Optional[Tensor], spec: LoRASpec, x: Tensor) -> Optional[Tensor]:
+    """The seed a call runs with: None without dropout; else the caller's (checked) or a fresh one
+    from the generator of x's device."""
+    if spec.dropout_p == 0.0:
+        return None
+    if seed is None:
+        return draw_seed(x.device)
+    check_seed(seed, x)
+    return seed
+
+
 def lora_linear(
     x: Tensor,
     weight: Union[Tensor, BaseWeight],
@@ -370,13 +381,7 @@ def lora_linear(
     base = as_base_weight(dense if dense is not None else weight)
     name = resolve(backend, x.device, x.dtype, base.format)
     spec = effective_dropout(dropout_p, scaling, training)
-    if spec.dropout_p > 0.0:
-        if seed is not None:
-            check_seed(seed, x)
-        else:
-            seed = draw_seed(x.device)
-    else:
-        seed = None
+    seed = call_seed(seed, spec, x)
     bias = bias.contiguous() if bias is not None else None
     lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
     if torch.compiler.is_compiling():  # torch.compile / torch.export trace the custom op

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from lora_kernels import _extension
+from lora_kernels.backends.registry import Backend
 from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
 
 # The compiled kernels: every float dtype (fp16/bf16 accumulate in fp32, fp64 in fp64).
@@ -30,6 +31,17 @@ def availability(device_type: str) -> Callable[[torch.device], Optional[str]]:
         return None
 
     return reason
+
+
+def backend(device_type: str) -> Backend:
+    """The registry record of the `cpu` or `cuda` backend: every float dtype, every base format."""
+    return Backend(
+        name=device_type,
+        module=__name__,
+        device_types=(device_type,),
+        dtypes=COMPILED_DTYPES,
+        availability=availability(device_type),
+    )
 
 
 def forward(x2d, weights: LoRAWeights, spec: LoRASpec, seed):

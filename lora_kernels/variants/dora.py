@@ -45,14 +45,13 @@ from lora_kernels.base_weights import ROW_BLOCK, BaseWeight, DenseWeight, as_bas
 from lora_kernels.dropout import (
     DROP_ALL_THRESHOLD,
     LANES_PER_CALL,
-    draw_seed,
     dropout_multiplier,
     dropout_threshold,
     philox4x32,
 )
 from lora_kernels.ops import (
+    call_seed,
     check_inputs,
-    check_seed,
     effective_dropout,
     lora_linear,
     lora_linear_backward_op,
@@ -363,13 +362,7 @@ def dora_linear(
         return lora_linear(x, base, bias, lora_A, lora_B * (magnitude / norm)[:, None], scaling, dropout_p,
                            training, backend)
     name = resolve(backend, x.device, x.dtype, base.format)
-    if spec.dropout_p > 0.0:
-        if seed is not None:
-            check_seed(seed, x)
-        else:
-            seed = draw_seed(x.device)
-    else:
-        seed = None
+    seed = call_seed(seed, spec, x)
     bias = bias.contiguous() if bias is not None else None
     return _DoRALinear.apply(x, lora_A.contiguous(), lora_B.contiguous(), magnitude, bias, base, norm, spec, seed,
                              name)

@@ -4,14 +4,6 @@
 kernels, any other through the format's own products."""
 
 from lora_kernels.backends import compiled
-from lora_kernels.backends.registry import Backend, register
+from lora_kernels.backends.registry import register
 
-BACKEND = register(
-    Backend(
-        name="cuda",
-        module=compiled.__name__,
-        device_types=("cuda",),
-        dtypes=compiled.COMPILED_DTYPES,
-        availability=compiled.availability("cuda"),
-    )
-)
+BACKEND = register(compiled.backend("cuda"))
