@@ -36,7 +36,7 @@ def _not_a_view(t: Tensor, shape) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, tuple(reversed(strides)))
 
 
-def _no_autocast(x: Tensor):
+def no_autocast(x: Tensor):
     """Autocast off around a backend call: the kernels pick their own compute precision, and an
     enclosing torch.autocast must not change their bits (nor those of `reference`)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -50,7 +50,7 @@ def _forward(x, base: BaseWeight, bias, lora_A, lora_B, spec: LoRASpec, seed, ba
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], n), x.new_zeros(0, lora_A.shape[0])
-    with _no_autocast(x):
+    with no_autocast(x):
         y2d, xa = BACKENDS[backend].forward(x2d, LoRAWeights(base, bias, lora_A, lora_B), spec, seed)
     return _not_a_view(y2d.contiguous(), (*x.shape[:-1], n)), xa
 
@@ -64,7 +64,7 @@ def _backward(grad_y, x, base: BaseWeight, lora_A, lora_B, xa, spec: LoRASpec, s
         return grad_x, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     dy = grad_y.reshape(-1, n).contiguous()
     weights = LoRAWeights(base, None, lora_A, lora_B)
-    with _no_autocast(x):
+    with no_autocast(x):
         grads = BACKENDS[backend].backward(dy, x2d, weights, xa, spec, seed, compute_grad_x)
     grad_x = grads.x.reshape(x.shape) if compute_grad_x else x.new_empty(0)
     return grad_x, grads.lora_A, grads.lora_B

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from lora_kernels import _extension
 from lora_kernels.base_weights import FORMATS, DenseWeight, FP4Weight, NF4Weight, as_base_weight, nf4
 from tests.helpers import assert_close
 
@@ -53,6 +54,8 @@ def test_dense_weight_products(dtype):
     _products_match_dense(weight, dtype)
     assert torch.equal(weight.dense_rows(3, 9), w0[3:9])
     torch.testing.assert_close(weight.row_norms_sq(), w0.float().pow(2).sum(1))
+    norms64 = weight.row_norms_sq(torch.float64)
+    assert norms64.dtype == torch.float64 and torch.equal(norms64, w0.double().pow(2).sum(1))
     tensors, meta = weight.flatten()
     assert torch.equal(DenseWeight.unflatten(tensors, meta).dense(), w0)
 
@@ -290,6 +293,24 @@ def test_4bit_dense_rows_range_checked():
     weight = NF4Weight.from_bnb(make_linear4bit(8, 64, 64))
     with pytest.raises(ValueError, match=r"0 <= n0 <= n1 <= N=8, got n0=3, n1=9"):
         weight.dense_rows(3, 9)
+
+
+@requires_bnb
+@pytest.mark.skipif(not _extension.has_op("decode_4bit", "cpu"), reason="lora_kernels._C (cpu kernels) is not built")
+def test_compiled_decoder_refuses_out_of_range_reads():
+    """decode_4bit checks the last flat index it would read against packed and absmax (no
+    out-of-bounds read from a bad `first`, `row_stride` or `out` shape)."""
+    weight = NF4Weight.from_bnb(make_linear4bit(8, 64, 64))
+    args = (weight.packed, weight.absmax, weight.code)
+    out = torch.empty(2, 64)
+    torch.ops.lora_kernels.decode_4bit(*args, 6 * 64, 64, 64, out)  # the last two rows: in range
+    assert torch.equal(out, weight.dense_rows(6, 8))
+    with pytest.raises(RuntimeError, match="outside packed"):
+        torch.ops.lora_kernels.decode_4bit(*args, 7 * 64, 64, 64, out)
+    with pytest.raises(RuntimeError, match="row_stride >= C"):
+        torch.ops.lora_kernels.decode_4bit(*args, 0, 32, 64, out)
+    with pytest.raises(RuntimeError, match="absmax must be contiguous float32"):
+        torch.ops.lora_kernels.decode_4bit(weight.packed, weight.absmax.double(), weight.code, 0, 64, 64, out)
 
 
 @requires_bnb

@@ -46,6 +46,10 @@ CASES = [
     ("scaling inf", dict(scaling=math.inf), ValueError, "scaling must be finite"),
     ("scaling tensor", dict(scaling=torch.tensor([1.0, 2.0])), TypeError, "scaling must be a real number"),
     ("training str", dict(training="yes"), TypeError, "training must be a bool"),
+    ("seed float", dict(seed=torch.tensor([1.0])), TypeError, "seed must be an int64 tensor of shape (1,)"),
+    ("seed shape", dict(seed=torch.tensor([1, 2])), TypeError, "seed must be an int64 tensor of shape (1,)"),
+    ("seed int", dict(seed=7), TypeError, "seed must be an int64 tensor of shape (1,)"),
+    ("seed device", dict(seed=torch.tensor([7], device="meta")), ValueError, "seed must be on x's device"),
     ("unknown backend", dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
     ("cuda backend on cpu", dict(backend="cuda"), ValueError, "backend 'cuda' cannot serve cpu tensors"),
 ]

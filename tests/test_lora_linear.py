@@ -100,3 +100,24 @@ def test_fp64_gradcheck(backend, p):
         return lora_kernels.lora_linear(x, weight, bias, lora_A, lora_B, 0.9, p, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, lora_A, lora_B))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_explicit_seed_is_the_mask(backend):
+    """lora_linear(seed=s) drops by s (the oracle's mask for s, forward and backward), and the same
+    s gives the same bits on the next call."""
+    from lora_kernels.reference import lora_linear_eager
+
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 11), 40, 24, 4, torch.float64)
+    seed = torch.tensor([2**40 + 17])
+    grad_y = torch.randn(3, 11, 24, dtype=torch.float64)
+    runs = []
+    for fn in (lora_kernels.lora_linear, lora_kernels.lora_linear, lora_linear_eager):
+        if fn is lora_linear_eager:
+            y = fn(x, weight, bias, lora_A, lora_B, 0.5, 0.3, seed)
+        else:
+            y = fn(x, weight, bias, lora_A, lora_B, 0.5, 0.3, backend=backend, seed=seed)
+        runs.append((y, *torch.autograd.grad(y, (x, lora_A, lora_B), grad_y)))
+    for got, again, want in zip(*runs):
+        assert torch.equal(got, again)
+        assert_close(got, want, torch.float64, "y and gradients under an explicit seed")

@@ -65,13 +65,14 @@ class BaseWeight(abc.ABC):
         format's memory contract (a 4-bit base keeps it under 1/8 of its dequantized weight)."""
         return 0
 
-    def row_norms_sq(self) -> Tensor:
-        """‖W₀ₙ‖² per output row n: (N,) float32, in blocks of ROW_BLOCK rows (DoRA's norm)."""
+    def row_norms_sq(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """‖W₀ₙ‖² per output row n: (N,) summed in `dtype` (float32, or float64 for an fp64 base),
+        in blocks of ROW_BLOCK rows (DoRA's norm)."""
         n, k = self.shape
-        out = torch.empty(n, dtype=torch.float32, device=self.device)
+        out = torch.empty(n, dtype=dtype, device=self.device)
         for n0 in range(0, n, ROW_BLOCK):
             rows = self.dense_rows(n0, min(n0 + ROW_BLOCK, n))
-            out[n0 : n0 + rows.shape[0]] = rows.float().pow(2).sum(1)
+            out[n0 : n0 + rows.shape[0]] = rows.to(dtype).pow(2).sum(1)
         return out
 
     def dense_rows(self, n0: int, n1: int) -> Tensor:

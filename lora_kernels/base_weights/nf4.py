@@ -159,14 +159,15 @@ class NF4Weight(BaseWeight):
             self._decode_flat(n0 * k, n1 * k, out.view(-1), self._scratch())
         return out
 
-    def row_norms_sq(self) -> Tensor:
-        """‖W₀ₙ‖² per row (N,) float32 of the `dtype` values; computed once (W₀ is frozen) and cached."""
+    def row_norms_sq(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """‖W₀ₙ‖² per row (N,) of the `dtype` values, summed in float32 (a 4-bit base computes in
+        at most float32), returned in `dtype`; computed once (W₀ is frozen) and cached."""
         if self._row_norms is None:
             norms = torch.empty(self._shape[0], dtype=torch.float32, device=self.device)
             for n0, n1, tile in self._row_tiles():
                 norms[n0:n1] = tile.float().pow(2).sum(1)
             self._row_norms = norms
-        return self._row_norms
+        return self._row_norms.to(dtype)
 
     # --- bitsandbytes -------------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ the micro-batches of gradient accumulation). Then, on any backend's plain fused 
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from lora_kernels import _extension
 from lora_kernels.backends import resolve
-from lora_kernels.base_weights import ROW_BLOCK, BaseWeight, DenseWeight, as_base_weight
+from lora_kernels.base_weights import BaseWeight, DenseWeight, as_base_weight
 from lora_kernels.dropout import (
     DROP_ALL_THRESHOLD,
     LANES_PER_CALL,
@@ -56,6 +55,7 @@ from lora_kernels.ops import (
     lora_linear,
     lora_linear_backward_op,
     lora_linear_op,
+    no_autocast,
 )
 from lora_kernels.variants.base import Variant, register_variant
 
@@ -124,14 +124,6 @@ def clear_norm_cache() -> None:
     _NORMS.clear()
 
 
-def _row_norms_sq(base: BaseWeight, acc: torch.dtype) -> Tensor:
-    """‖W₀ₙ‖² (N,) in `acc`: the format's own blocked pass; fp64 bases sum in fp64 block by block."""
-    if acc != torch.float64:
-        return base.row_norms_sq().to(acc)
-    n = base.shape[0]
-    return torch.cat([base.dense_rows(n0, min(n0 + ROW_BLOCK, n)).to(acc).pow(2).sum(1) for n0 in range(0, n, ROW_BLOCK)])
-
-
 def weight_norm(weight: Union[Tensor, BaseWeight], lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """‖W₀ + s·B·A‖ per output row (N,), detached, in W₀'s compute dtype (PEFT's rounding), from
     ‖W₀ₙ‖² (cached), A·W₀ᵀ (r x N) and A·Aᵀ (r x r): O(N·K·r), no N x K temporary."""
@@ -155,7 +147,7 @@ def _weight_norm(base: BaseWeight, lora_A: Tensor, lora_B: Tensor, scaling: floa
         a_acc, b_acc = a.to(acc), b.to(acc)
         cross = (b_acc * aw.t().to(acc)).sum(1)  # Bₙ·(A·W₀ₙᵀ)
         quad = ((b_acc @ (a_acc @ a_acc.t())) * b_acc).sum(1)  # Bₙ(A·Aᵀ)Bₙᵀ = ‖BₙA‖²
-        row_sq = _ROW_NORMS.get(tensors, (base.format, tuple(meta), acc), lambda: _row_norms_sq(base, acc))
+        row_sq = _ROW_NORMS.get(tensors, (base.format, tuple(meta), acc), lambda: base.row_norms_sq(acc))
         norm_sq = row_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
         # ≥ 0 in exact arithmetic; rounding can push a near-zero row below it
         return norm_sq.clamp_min_(0.0).sqrt_().to(base.dtype)
@@ -165,8 +157,7 @@ def _weight_norm(base: BaseWeight, lora_A: Tensor, lora_B: Tensor, scaling: floa
 
 
 def _has_keep_bits(device: torch.device) -> bool:
-    return (device.type == "cpu" and _extension.load_error() is None
-            and torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels::dropout_keep_bits", "CPU"))
+    return device.type == "cpu" and _extension.has_op("dropout_keep_bits", "cpu")
 
 
 def _bit_table(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -201,13 +192,6 @@ def _row_chunks(m: int, width: int) -> Iterator[Tuple[int, int]]:
         yield m0, min(m0 + step, m)
 
 
-def _no_autocast(device_type: str):
-    """Autocast off inside the Function: its products and reductions keep the inputs' dtype."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 # --- the served form ------------------------------------------------------------------------------
 
 
@@ -219,7 +203,7 @@ class _DoRALinear(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, magnitude, bias, base, norm, spec, seed, backend):
         tensors, meta = base.flatten()
         c = magnitude / norm
-        with _no_autocast(x.device.type):
+        with no_autocast(x):
             if seed is None:
                 z, xa = lora_linear_op(x, tensors, base.format, meta, None, lora_A, lora_B, spec.scaling, 0.0, None,
                                        backend)
@@ -244,7 +228,7 @@ class _DoRALinear(torch.autograd.Function):
         kept2d = kept.view(-1, n)
         acc = _accumulate_dtype(c.dtype)
         dc = torch.zeros(n, dtype=acc, device=c.device)
-        with _no_autocast(x.device.type):
+        with no_autocast(x):
             if seed is None:
                 dz = torch.empty_like(dy)
                 # dz = c⊙dY and dc = Σ dY⊙z by chunks: the dY⊙z temporary is a chunk's, not M x N. Few
