@@ -11,7 +11,9 @@ Sets (--set): cpu (default on a CPU: ~2 min on 2 cores), cpu-full (--full: the R
 ~30 min), gpu (default on a GPU: Llama-8B-sized layers and decode, r = 16/64, bf16), quick, dora
 (PEFT's DoRA layer vs dora_linear, with each provider's peak allocation over one fwd+bwd), qlora
 (PEFT's 4-bit QLoRA layer: base = the frozen NF4 layer, peft, patched; plus the peak memory of
-one fwd+bwd, `peak_fwd_bwd_bytes` and `peak_extra_bytes` in the JSON).
+one fwd+bwd, `peak_fwd_bwd_bytes` and `peak_extra_bytes` in the JSON), and the many-adapter sets of
+bench/multi.py: multi (3 adapters active at once, each with dropout, training), mixed (a mixed batch
+of 8 adapters and base rows, PEFT's adapter_names, eval forward) and decode (64 tokens over 32 adapters).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import re
 import torch
 
 import lora_kernels
-from bench import qlora
+from bench import multi, qlora
 from bench.cases import SETS, BenchSet, Case, parse_shape, providers
 from bench.harness import device_name, peak_allocated_bytes, saved_activation_bytes, time_interleaved, versions
 from bench.progress import Progress
@@ -35,12 +37,13 @@ from bench.report import below_one_warnings, peak_line, peak_note, ratio_stats, 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-MODES = ("fwd", "fwd+bwd")
 REFERENCE_SETS = ("cpu-full", "gpu")
 PROVIDERS = {
     "lora": providers,
     "dora": functools.partial(providers, variant="dora"),
     "qlora": qlora.providers,
+    "multi": multi.training_providers,
+    "mixed": multi.serving_providers,
 }  # BenchSet.kind -> its providers  # their JSON keeps the plain <device>-<type>-<dtype>.json name
 
 
@@ -118,7 +121,7 @@ def main(argv=None) -> dict:
     dtype = DTYPES[bench_set.dtype]
     backends = args.backends or [b for b in lora_kernels.available_backends(device) if b != "reference"]
     cases = [
-        Case(m, k, n, r, p, dtype, device)
+        Case(m, k, n, r, p, dtype, device, bench_set.adapters, bench_set.seq_len, bench_set.base_rows)
         for (m, k, n) in bench_set.shapes
         for r in bench_set.ranks
         for p in bench_set.dropouts
@@ -135,10 +138,10 @@ def main(argv=None) -> dict:
     out = output_path(args, bench_set, device, dtype)
     print(f"# set {bench_set.name}: {bench_set.about}")
     print(f"# {meta['device']} | {dtype} | torch {meta['torch']} | commit {meta['commit']} | backends: "
-          f"{', '.join(backends)} | {len(cases)} cases x {len(MODES)} passes -> {out}", flush=True)
+          f"{', '.join(backends)} | {len(cases)} cases x {len(bench_set.modes)} passes -> {out}", flush=True)
 
     result = {"meta": meta, "rows": []}
-    progress = Progress(sum(len(MODES) * bench_set.reps_for(c.m) for c in cases))
+    progress = Progress(sum(len(bench_set.modes) * bench_set.reps_for(c.m) for c in cases))
     header_printed = False
     for case in cases:
         reps = bench_set.reps_for(case.m)
@@ -153,12 +156,12 @@ def main(argv=None) -> dict:
             peaks = {name: qlora.peak_memory(pv) for name, pv in provs.items()}
         elif bench_set.kind == "dora" and device.type == "cpu":
             peaks = {name: peak_allocated_bytes(pv.forward_backward) for name, pv in provs.items()}
-        for mode in MODES:
+        for mode in bench_set.modes:
             progress.set_label(f"{case.name} {mode}")
             fns = {name: (pv.forward if mode == "fwd" else pv.forward_backward) for name, pv in provs.items()}
             samples = time_interleaved(fns, device, reps, on_round=progress.advance)
             row = {
-                "case": case.name, "m": case.m, "k": case.k, "n": case.n, "r": case.r, "p": case.p, "mode": mode,
+                "case": case.name, "adapters": case.adapters, "m": case.m, "k": case.k, "n": case.n, "r": case.r, "p": case.p, "mode": mode,
                 "reps": reps, "times": summarize_times(samples),
                 "ratios": {"vs_base": ratio_stats(samples, "base"), "vs_peft": ratio_stats(samples, "peft", skip=("base",))},
                 "saved_bytes": saved,

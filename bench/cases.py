@@ -4,6 +4,7 @@ PEFT's lora.Linear, lora_linear per backend) returning the callables the harness
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -28,7 +29,12 @@ class BenchSet:
     reps: int
     small_reps: int
     about: str
-    kind: str = "lora"  # which providers: "lora", "dora" (PEFT's use_dora=True layer vs dora_linear), "qlora" (bench/qlora.py)
+    kind: str = "lora"  # which providers: "lora", "dora" (PEFT's use_dora=True layer vs dora_linear), "qlora"
+    # (bench/qlora.py), "multi" / "mixed" (bench/multi.py: several adapters summed / a mixed batch)
+    modes: Tuple[str, ...] = ("fwd", "fwd+bwd")
+    adapters: int = 1  # adapters per layer (multi, mixed, decode)
+    seq_len: int = 1  # tokens per sequence of a mixed batch (M = sequences x seq_len)
+    base_rows: bool = False  # a mixed batch also has "__base__" sequences
 
     def reps_for(self, m: int) -> int:
         return self.small_reps if m <= 64 else self.reps
@@ -60,6 +66,22 @@ SETS = {
         "PEFT's QLoRA layer (NF4, double quant, fp32 compute) vs the frozen 4-bit base and patched, "
         "with peak fwd+bwd memory; ~3 min on 2 cores", kind="qlora",
     ),
+    "multi": BenchSet(
+        "multi", "cpu", "fp32", ((2048, 2048, 2048),), (16,), (0.1,), 15, 15,
+        "3 PEFT adapters active at once (summed), each with dropout, training: base vs PEFT vs patched "
+        "(one fused call); ~3 min on 2 cores", kind="multi", adapters=3,
+    ),
+    "mixed": BenchSet(
+        "mixed", "cpu", "fp32", ((2048, 512, 512), (2048, 4096, 4096)), (16,), (0.0,), 15, 15,
+        "a mixed batch (PEFT adapter_names): 32 sequences x 64 tokens over 8 adapters and __base__, eval "
+        "forward: base vs PEFT vs patched (per-row path); ~3 min on 2 cores",
+        kind="mixed", modes=("fwd",), adapters=8, seq_len=64, base_rows=True,
+    ),
+    "decode": BenchSet(
+        "decode", "cpu", "fp32", ((64, 4096, 4096),), (16,), (0.0,), 30, 30,
+        "a decode step: 64 sequences x 1 token over 32 adapters (PEFT adapter_names), eval forward; ~1 min",
+        kind="mixed", modes=("fwd",), adapters=32, seq_len=1,
+    ),
 }
 
 
@@ -72,10 +94,14 @@ class Case:
     p: float
     dtype: torch.dtype
     device: torch.device
+    adapters: int = 1
+    seq_len: int = 1
+    base_rows: bool = False
 
     @property
     def name(self) -> str:
-        return f"M{self.m}-K{self.k}-N{self.n}-r{self.r}-p{self.p}"
+        many = f"-T{self.adapters}" + ("+base" if self.base_rows else "") if self.adapters > 1 else ""
+        return f"M{self.m}-K{self.k}-N{self.n}-r{self.r}-p{self.p}{many}"
 
 
 @dataclass
@@ -191,6 +217,16 @@ def providers(case: Case, backends: List[str], with_peft: bool = True, variant: 
             out["peft"] = peft_provider
     for backend in backends:
         out[f"fused:{backend}"] = fused_layer(case, backend)
+    return out
+
+
+def patched_providers(model, backends: List[str], provider: Callable[[torch.nn.Module], Provider]) -> Dict[str, Provider]:
+    """{"fused:<backend>": provider(a copy of the PEFT `model` patched with that backend)} per backend."""
+    out = {}
+    for backend in backends:
+        copied = copy.deepcopy(model)
+        lora_kernels.patch(copied, strict=True, backend=backend)
+        out[f"fused:{backend}"] = provider(copied)
     return out
 
 

@@ -10,14 +10,12 @@ and, per provider, the peak memory of one forward+backward (`peak_memory`)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, List
 
 import torch
 from torch import nn
 
-import lora_kernels
-from bench.cases import Case, Provider, _provider, _tensors
+from bench.cases import Case, Provider, _provider, _tensors, patched_providers
 from bench.harness import peak_allocated_bytes
 
 
@@ -71,10 +69,7 @@ def providers(case: Case, backends: List[str], with_peft: bool = True) -> Dict[s
         return _provider(lambda: m(x), inputs, grad_y, list(m.parameters()), x)
 
     out["peft"] = lora_provider(model)
-    for backend in backends:
-        patched = copy.deepcopy(model)
-        lora_kernels.patch(patched, strict=True, backend=backend)
-        out[f"fused:{backend}"] = lora_provider(patched)
+    out.update(patched_providers(model, backends, lora_provider))
     return out
 
 

@@ -10,9 +10,12 @@
 TORCH_LIBRARY(lora_kernels, m) {
   m.def(lora_kernels::schema::kFusedForward);
   m.def(lora_kernels::schema::kFusedBackward);
+  m.def(lora_kernels::schema::kFusedForwardStacked);
+  m.def(lora_kernels::schema::kFusedBackwardStacked);
   m.def(lora_kernels::schema::kDropoutKeepMask);
   m.def(lora_kernels::schema::kDropoutKeepBits);
   m.def(lora_kernels::schema::kDecode4bit);
+  m.def(lora_kernels::schema::kPerRowForward);
 }
 
 // `import lora_kernels._C` loads this library, which registers the ops above.

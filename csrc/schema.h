@@ -27,6 +27,35 @@ constexpr const char* kFusedBackward =
     "fused_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
     "float scaling, float dropout_p, Tensor? seed, bool compute_grad_x) -> (Tensor, Tensor, Tensor)";
 
+// A mixed batch (docs/design.md §10): row m of x (M, K) uses adapter ids[m] (-1: base only),
+// given grouped: `order` (M,) int64 the rows sorted by adapter, `starts` (T+2,) int64 where the
+// base rows are order[starts[0]:starts[1]] and adapter t's order[starts[t+1]:starts[t+2]]
+// (lora_kernels.contract.group_rows). lora_A (T, r, K), lora_B (T, N, r) contiguous; scalings: T
+// values. Returns y (M, N) = x·weightᵀ (when given) + bias + s_t·xa·B_tᵀ per row and
+// xa (M, r) = x·A_tᵀ per row (zero on base rows). CPU only (the cuda backend composes it).
+constexpr const char* kPerRowForward =
+    "per_row_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float[] scalings, "
+    "Tensor order, Tensor starts) -> (Tensor, Tensor)";
+
+// Several adapters summed in one layer (lora_kernels.contract.StackedSpec): lora_A (R, K) and
+// lora_B (N, R) are the T adapters' weights concatenated along the rank, adapter t owning the
+// ranks[t] columns after those of adapters 0..t-1 (sum(ranks) = R), with scaling scalings[t] and
+// rate dropout_ps[t]. seeds: int64 (T,) on x's device, or None (no dropout anywhere); adapter t
+// drops iff seeds is given and dropout_ps[t] > 0, with the mask fused_forward draws from the seed
+// seeds[t:t+1]. Otherwise as fused_forward: returns y = [x·weightᵀ +] bias + Σₜ sₜ·xa[:, segₜ]·
+// lora_B[:, segₜ]ᵀ (M, N) and xa (M, R) with xa[:, segₜ] = Dₜ(x)·lora_A[segₜ]ᵀ.
+constexpr const char* kFusedForwardStacked =
+    "fused_forward_stacked(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, int[] ranks, "
+    "float[] scalings, float[] dropout_ps, Tensor? seeds) -> (Tensor, Tensor)";
+
+// As fused_backward, per adapter: grad_x = [grad_y·weight +] Σₜ sₜ·Dₜ⊙(g[:, segₜ]·lora_A[segₜ])
+// (empty unless compute_grad_x), grad_A[segₜ] = sₜ·g[:, segₜ]ᵀ·Dₜ(x) (R, K),
+// grad_B[:, segₜ] = sₜ·grad_yᵀ·xa[:, segₜ] (N, R), with g = grad_y·lora_B.
+constexpr const char* kFusedBackwardStacked =
+    "fused_backward_stacked(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+    "int[] ranks, float[] scalings, float[] dropout_ps, Tensor? seeds, bool compute_grad_x) -> "
+    "(Tensor, Tensor, Tensor)";
+
 // The keep-mask (rows, cols) of the shared generator, on seed's device: for bit-exact tests.
 constexpr const char* kDropoutKeepMask = "dropout_keep_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor";
 

@@ -15,8 +15,9 @@ Dropout is on iff `seed` (int64, shape (1,), on x's device) is given; the rule i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from lora_kernels.base_weights import BaseWeight, DenseWeight
@@ -53,3 +54,75 @@ class LoRAGrads(NamedTuple):
     x: Optional[Tensor]
     lora_A: Tensor
     lora_B: Tensor
+
+
+# --- several adapters in one call (docs/design.md §10) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackedSpec:
+    """Several adapters summed into one layer: ``y = x·W₀ᵀ + b + Σₜ sₜ·(Dₜ(x)·Aₜᵀ)·Bₜᵀ``.
+
+    The weights travel concatenated along the rank: `LoRAWeights.lora_A` is (R, K) and `lora_B`
+    (N, R) with R = Σ ranks; adapter t owns rank columns ``offsets[t] : offsets[t] + ranks[t]``
+    (ranks may differ: concatenated, never padded). `adapters[t]` is its scaling and dropout rate
+    as the op normalised them (`LoRASpec`). Dropout: `seeds` is an int64 (T,) tensor on x's
+    device, or None when no adapter drops; adapter t's mask is the single-adapter rule of
+    `lora_kernels.dropout` under ``seeds[t]`` (ignored when its rate is 0), so each adapter's
+    mask is bit-identical to a one-adapter call with that seed."""
+
+    adapters: Tuple[LoRASpec, ...]
+    ranks: Tuple[int, ...]
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """Start of each adapter's rank columns: (T,)."""
+        out, start = [], 0
+        for r in self.ranks:
+            out.append(start)
+            start += r
+        return tuple(out)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def scalings(self) -> Tuple[float, ...]:
+        return tuple(a.scaling for a in self.adapters)
+
+    @property
+    def dropout_ps(self) -> Tuple[float, ...]:
+        return tuple(a.dropout_p for a in self.adapters)
+
+
+class RowGroups(NamedTuple):
+    """The rows of one mixed-batch call grouped by adapter, computed once per call (forward and
+    backward share it). All tensors on x's device, int64.
+
+    ids: (M,) adapter of each row, -1 for base-only rows; order: (M,) row indices sorted by id
+    (stable: base rows first, then adapter 0's, 1's, ...); starts: (T + 2,) where the rows of
+    adapter t are ``order[starts[t + 1] : starts[t + 2]]`` and the base rows ``order[0 : starts[1]]``."""
+
+    ids: Tensor
+    order: Tensor
+    starts: Tensor
+
+
+def group_rows(adapter_ids: Tensor, num_adapters: int) -> RowGroups:
+    """`RowGroups` of adapter_ids (M,) (int, values in [-1, num_adapters), checked by the op) by
+    one stable sort and a search: no host sync, so a GPU decode step never waits on it."""
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    bounds = torch.arange(-1, num_adapters + 1, dtype=torch.int64, device=ids.device)
+    return RowGroups(ids, order, torch.searchsorted(sorted_ids, bounds))
+
+
+@dataclass(frozen=True)
+class PerRowSpec:
+    """A mixed batch: ``yₘ = xₘ·W₀ᵀ + b + s₍ᵢₘ₎·(xₘ·A₍ᵢₘ₎ᵀ)·B₍ᵢₘ₎ᵀ`` with iₘ = ``groups.ids[m]``
+    (-1: base only). `LoRAWeights.lora_A` is (T, r, K) and `lora_B` (T, N, r) (ranks padded with
+    zeros to a common r); `scalings` (T,) floats. No dropout on this path."""
+
+    scalings: Tuple[float, ...]
+    groups: RowGroups

@@ -55,10 +55,10 @@ def dropout_threshold(p: float) -> int:
     return int(math.floor(p * 65536.0 + 0.5))
 
 
-def draw_seed(device: torch.device | str) -> torch.Tensor:
-    """A fresh dropout seed: int64 tensor of shape (1,) on `device`, from that device's default
-    generator (no host sync on GPUs)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+def draw_seed(device: torch.device | str, count: int = 1) -> torch.Tensor:
+    """Fresh dropout seeds: an int64 tensor of shape (count,) on `device` (one per adapter when
+    several adapters are summed), from that device's default generator (no host sync on GPUs)."""
+    return torch.randint(0, 2**62, (count,), dtype=torch.int64, device=device)
 
 
 def philox4x32(counter: torch.Tensor, seed: int) -> Tuple[torch.Tensor, ...]:

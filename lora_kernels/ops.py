@@ -319,11 +319,14 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
 
 
-def check_seed(seed, x: Tensor) -> None:
-    """A caller's dropout seed must be an int64 tensor of shape (1,) on x's device, >= 0."""
-    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or tuple(seed.shape) != (1,):
+def check_seed(seed, x: Tensor, count: int = 1) -> None:
+    """A caller's dropout seed(s) must be an int64 tensor of shape (count,) on x's device (one per
+    adapter when several adapters are summed)."""
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or tuple(seed.shape) != (count,):
         shown = f"{seed.dtype} {tuple(seed.shape)}" if isinstance(seed, Tensor) else type(seed).__name__
-        raise TypeError(f"seed must be an int64 tensor of shape (1,) (see lora_kernels.dropout.draw_seed), got {shown}")
+        each = ", one per adapter" if count > 1 else ""
+        raise TypeError(f"seed must be an int64 tensor of shape ({count},){each} (see lora_kernels.dropout.draw_seed), "
+                        f"got {shown}")
     if seed.device != x.device:
         raise ValueError(f"seed must be on x's device {x.device}, got {seed.device}")
 

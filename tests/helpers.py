@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import subprocess
+import sys
 from typing import Dict
 
 import pytest
@@ -28,7 +31,11 @@ needs_cpu_kernels = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="lora_k
 # @pytest.mark.parametrize("backend,variant,base_format", REGISTRY_CASES): what the parity and
 # memory suites run (a combination a backend cannot serve skips with its reasons, `skip_unless_served`).
 REGISTRY_CASES = [
-    pytest.param(b, v, f, id=f"{b}-{v}-{f}") for b in BACKENDS for v in VARIANTS for f in FORMATS
+    pytest.param(b, v, f, id=f"{b}-{v}-{f}")
+    for b in BACKENDS
+    for v in VARIANTS
+    if VARIANTS[v].form == "single"  # the multi-adapter forms: tests/test_multi_adapter.py
+    for f in FORMATS
 ]
 
 # (atol, rtol) per dtype for outputs and gradients of O(1)-scaled inputs with K, N <= ~300;
@@ -134,9 +141,10 @@ def backend_context(backend: str, device: torch.device):
         yield
 
 
-def skip_unless_served(backend: str, device: torch.device, dtype=None, base_format: str = "dense") -> None:
+def skip_unless_served(backend: str, device: torch.device, dtype=None, base_format: str = "dense",
+                       variant: str = "lora") -> None:
     """pytest.skip with the registry's own reasons when `backend` cannot serve this combination."""
-    reasons = BACKENDS[backend].not_supported_reasons(device, dtype, base_format)
+    reasons = BACKENDS[backend].not_supported_reasons(device, dtype, base_format, variant)
     if reasons:
         pytest.skip(f"{backend}: " + "; ".join(reasons))
 
@@ -255,3 +263,20 @@ def flat_backward(backend, dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout
     """A backend's `backward` from flat arguments: -> LoRAGrads(x, lora_A, lora_B)."""
     weights = LoRAWeights(as_base_weight(weight), None, lora_A, lora_B)
     return LoRAGrads(*backend.backward(dy, x2d, weights, xa, LoRASpec(scaling, dropout_p), seed, compute_dx, **kwargs))
+
+
+def run_compiled(argv, timeout: int):
+    """`python *argv` in a fresh interpreter without TRITON_INTERPRET (the kernels compiled for
+    sm80/sm90, not interpreted), from the repository root on PYTHONPATH: -> CompletedProcess with
+    text output. pytest.skip when this triton build ships no ptxas for sm80/sm90."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        get_ptxas(90).path, get_ptxas(80).path
+    except Exception as exc:  # no ptxas shipped with this triton build
+        pytest.skip(f"no ptxas to compile for sm80/sm90: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=root, timeout=timeout)

@@ -142,9 +142,9 @@ class SeedRecorder:
     def __init__(self):
         self.seeds = []
 
-    def __call__(self, device):
-        seed = draw_seed(device)
-        self.seeds.append(int(seed.item()))
+    def __call__(self, device, count=1):
+        seed = draw_seed(device, count)
+        self.seeds.extend(seed.tolist())
         return seed
 
     def install(self, monkeypatch):

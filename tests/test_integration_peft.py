@@ -15,9 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 
 import lora_kernels  # noqa: E402
-from lora_kernels.dropout import draw_seed  # noqa: E402
 from lora_kernels.integrations import _common  # noqa: E402
-from lora_kernels.reference import lora_linear_eager  # noqa: E402
+from lora_kernels.reference import lora_linear_eager, lora_linear_stacked_eager  # noqa: E402
 from integration_helpers import (  # noqa: E402
     CPU_BACKENDS,
     FP32_TOL,
@@ -164,9 +163,10 @@ def test_several_adapters_and_set_adapter(fused_calls):
         assert_grads_close(g, g_ref, **FP32_TOL)
 
 
-def test_several_adapters_with_dropout_match_the_same_masks(monkeypatch):
-    """Two active adapters with dropout: the first is fused (recorded seed), the second is PEFT's
-    own term (nn.Dropout from the same generator state)."""
+def test_several_adapters_with_dropout_match_the_same_masks(fused_calls):
+    """Two active adapters with dropout: one lora_linear_stacked call, each adapter's mask the
+    single-adapter rule under its own seed, the seeds drawn from torch's generator (so
+    torch.manual_seed reproduces them)."""
     model = peft_mlp(lora_dropout=0.25)
     torch.manual_seed(5)
     second = LoraConfig(r=2, lora_alpha=3, lora_dropout=0.5, target_modules=["up"], init_lora_weights=False)
@@ -177,12 +177,13 @@ def test_several_adapters_with_dropout_match_the_same_masks(monkeypatch):
     x = torch.randn(6, 32)
     torch.manual_seed(11)
     y = layer(x)
+    assert fused_calls.take() == 1
     torch.manual_seed(11)
-    seed = draw_seed("cpu")  # what the fused call drew, then the eager dropout draws from the same stream
-    dropped = layer.lora_dropout["second"](x)
-    A1, B1, s1 = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
-    want = lora_linear_eager(x, layer.base_layer.weight, layer.base_layer.bias, A1, B1, s1, 0.25, seed)
-    want = want + layer.lora_B["second"](layer.lora_A["second"](dropped)) * layer.scaling["second"]
+    seeds = torch.randint(0, 2**62, (2,), dtype=torch.int64)  # what the stacked op drew, one per adapter
+    names = ("default", "second")
+    want = lora_linear_stacked_eager(
+        x, layer.base_layer.weight, layer.base_layer.bias, [layer.lora_A[n].weight for n in names],
+        [layer.lora_B[n].weight for n in names], [layer.scaling[n] for n in names], [0.25, 0.5], seeds)
     assert_tensors_close(y, want, **FP32_TOL, what="y")
 
 
@@ -218,7 +219,9 @@ def test_merged_and_disabled_adapters_follow_peft(fused_calls):
     assert fused_calls.take() == 2
 
 
-def test_mixed_batch_adapter_names_delegates_to_peft(fused_calls):
+def test_mixed_batch_adapter_names_is_one_per_row_call(fused_calls):
+    """A mixed batch (adapter_names) is one fused per-row call per layer (more in
+    tests/test_integration_multi_adapter.py)."""
     ref = peft_mlp()
     torch.manual_seed(5)
     ref.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["up", "down"], init_lora_weights=False))
@@ -229,7 +232,8 @@ def test_mixed_batch_adapter_names_delegates_to_peft(fused_calls):
     names = ["default", "second", "__base__"]
     with torch.no_grad():
         assert_tensors_close(fused(x, adapter_names=names), ref(x, adapter_names=names), **FP32_TOL, what="mixed")
-        assert fused_calls.take() == 0
+        assert fused_calls.variants == ["per_row", "per_row"]
+        assert fused_calls.take() == 2
         assert_tensors_close(fused(x), ref(x), **FP32_TOL, what="plain call")
         assert fused_calls.take() == 2
 

@@ -96,3 +96,127 @@ def test_equals_peft_lora_linear_at_p0(use_rslora):
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(ours.lora_A.grad, theirs.lora_A["default"].weight.grad)
     torch.testing.assert_close(ours.lora_B.grad, theirs.lora_B["default"].weight.grad)
+
+
+# --- several adapters ------------------------------------------------------------------------------
+
+
+def multi_layer(dtype=torch.float64):
+    """A LoRALinear (32 -> 24) with "default" (r=4) and two added adapters of other ranks, every
+    lora_B random so each adapter's term is non-zero."""
+    torch.manual_seed(0)
+    layer = lora_kernels.LoRALinear(32, 24, r=4, alpha=8, dropout=0.1, dtype=dtype)
+    layer.add_adapter("b", r=2, alpha=3, dropout=0.0)
+    layer.add_adapter("c", r=6, alpha=5, dropout=0.3, use_rslora=True)
+    for name in layer.adapter_names:
+        nn.init.normal_(layer._adapter(name)[1])
+    return layer
+
+
+def adapter_tensors(layer, names):
+    """(lora_As, lora_Bs, scalings, dropouts) of `names`."""
+    parts = [layer._adapter(n) for n in names]
+    return [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts]
+
+
+def test_add_set_delete_adapter_and_state_dict():
+    layer = multi_layer()
+    assert layer.adapter_names == ["default", "b", "c"] and layer.active_adapters == ["default"]
+    assert [layer.adapter_index(n) for n in ("default", "b", "c")] == [0, 1, 2]
+    assert layer.adapters["c"].scaling == 5 / math.sqrt(6)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "adapters.b.lora_A", "adapters.b.lora_B",
+                                       "adapters.c.lora_A", "adapters.c.lora_B"}
+    fresh = lora_kernels.LoRALinear(32, 24, r=4).add_adapter("x", r=2)
+    assert torch.count_nonzero(fresh.lora_B) == 0 and fresh.lora_A.requires_grad
+    copy = lora_kernels.LoRALinear(32, 24, r=4, dtype=torch.float64)
+    copy.add_adapter("b", r=2, alpha=3)
+    copy.add_adapter("c", r=6, alpha=5, dropout=0.3, use_rslora=True)
+    copy.load_state_dict(layer.state_dict())
+    copy.set_adapter(["b", "c"]), layer.set_adapter(["b", "c"])
+    x = torch.randn(5, 32, dtype=torch.float64)
+    layer.eval(), copy.eval()
+    torch.testing.assert_close(copy(x), layer(x))
+    layer.delete_adapter("b")
+    assert layer.adapter_names == ["default", "c"] and layer.active_adapters == ["c"] and layer.adapter_index("c") == 1
+    layer.delete_adapter("c")
+    assert layer.active_adapters == ["default"]
+    for bad in (lambda: layer.delete_adapter("default"), lambda: layer.delete_adapter("nope"),
+                lambda: layer.set_adapter(["default", "default"]), lambda: layer.set_adapter("nope"),
+                lambda: layer.add_adapter("default"), lambda: layer.add_adapter("a.b"),
+                lambda: layer.add_adapter("__base__"), lambda: layer.add_adapter("d", r=0)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_several_active_adapters_equal_the_stacked_oracle(monkeypatch, training):
+    from lora_kernels.reference import lora_linear_stacked_eager
+
+    layer = multi_layer().train(training)
+    names = ["c", "default", "b"]
+    layer.set_adapter(names)
+    x = torch.randn(3, 4, 32, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    seeds = torch.randint(0, 2**62, (3,), dtype=torch.int64) if training else None  # what the op drew
+    As, Bs, scalings, dropouts = adapter_tensors(layer, names)
+    want = lora_linear_stacked_eager(x, layer.weight, layer.bias, As, Bs, scalings,
+                                     dropouts if training else [0.0] * 3, seeds)
+    assert_close(y, want, torch.float64, "stacked")
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, As + Bs, grad)
+    expected = torch.autograd.grad(want, As + Bs, grad)
+    for g, e, name in zip(got, expected, ["A_c", "A_default", "A_b", "B_c", "B_default", "B_b"]):
+        assert_close(g, e, torch.float64, name)
+
+
+def test_per_row_adapter_ids_equal_the_per_row_oracle():
+    from lora_kernels.reference import lora_linear_per_row_eager
+
+    layer = multi_layer().eval()
+    x = torch.randn(2, 4, 32, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([2, -1, 0, 1, 1, 2, -1, 0], dtype=torch.int32)
+    y = layer(x, adapter_ids=ids)
+    As, Bs, scalings, _ = adapter_tensors(layer, layer.adapter_names)
+    A = torch.stack([nn.functional.pad(a, (0, 0, 0, 6 - a.shape[0])) for a in As])
+    B = torch.stack([nn.functional.pad(b, (0, 6 - b.shape[1])) for b in Bs])
+    want = lora_linear_per_row_eager(x, layer.weight, layer.bias, A, B, scalings, ids)
+    assert_close(y, want, torch.float64, "per-row")
+    grad = torch.randn_like(y)  # gradients reach every adapter named by some row (and x)
+    got = torch.autograd.grad(y, [x, *As, *Bs], grad)
+    expected = torch.autograd.grad(want, [x, *As, *Bs], grad)
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float64, "per-row grad")
+    with torch.no_grad():  # no gradient needed: the stacked adapters are cached, and rebuilt on change
+        first = layer(x, adapter_ids=ids)
+        stacks = layer._stacks._stacks
+        assert layer(x, adapter_ids=ids).equal(first) and layer._stacks._stacks is stacks
+        layer.adapters["b"].lora_B.mul_(3.0)
+        changed = layer(x, adapter_ids=ids)
+    assert layer._stacks._stacks is not stacks
+    rows_b = (ids == 1).reshape(2, 4)
+    assert not torch.equal(changed[rows_b], first[rows_b]) and torch.equal(changed[~rows_b], first[~rows_b])
+
+
+def test_per_row_refuses_dropout_in_training_and_merged_layers():
+    layer = multi_layer()
+    ids = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="adapter_ids: the per-row path applies no dropout"):
+        layer(torch.randn(3, 32, dtype=torch.float64), adapter_ids=ids)
+    layer.eval().merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(torch.randn(3, 32, dtype=torch.float64), adapter_ids=ids)
+
+
+def test_merge_unmerge_several_active_adapters():
+    layer = multi_layer().eval()
+    layer.set_adapter(["b", "c"])
+    x = torch.randn(5, 32, dtype=torch.float64)
+    before, w0 = layer(x), layer.weight.clone()
+    layer.merge()
+    assert_close(layer(x), before, torch.float64, "merged")
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_adapter("default")
+    layer.unmerge()
+    assert_close(layer.weight, w0, torch.float64, "unmerged weight")

@@ -22,7 +22,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = not HAS_CUDA
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-_SUBMODULES = ("configs", "dropout", "fwd", "bwd")
+_SUBMODULES = ("configs", "dropout", "nf4", "fwd", "bwd", "per_row", "stacked")  # dependencies first
 
 
 @contextlib.contextmanager
@@ -51,7 +51,8 @@ with _interpreter_env():
 
     if _configs.INTERPRET != INTERPRET:  # imported earlier with the other mode: re-decorate the kernels
         for _name in _SUBMODULES:
-            importlib.reload(sys.modules[f"lora_kernels.backends.triton.{_name}"])
+            if f"lora_kernels.backends.triton.{_name}" in sys.modules:  # per_row is imported on first use
+                importlib.reload(sys.modules[f"lora_kernels.backends.triton.{_name}"])
         importlib.reload(sys.modules["lora_kernels.backends.triton"])
     import lora_kernels.backends.triton as triton_backend
     from lora_kernels.backends.triton import bwd as _bwd  # noqa: F401  (triton_backend.bwd / .fwd below)

@@ -7,8 +7,6 @@ kernels for sm80/sm86/sm90 with Triton's own ptxas (issue 9)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -18,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from lora_kernels.backends.triton import bwd as triton_bwd  # noqa: E402
 from lora_kernels.backends.triton import configs  # noqa: E402
+from helpers import run_compiled  # noqa: E402
 
 ARCHS = {80: (8, 0), 86: (8, 6), 90: (9, 0)}
 R_PADS = [16, 32, 64, 128, 256]
@@ -160,17 +159,7 @@ def test_deterministic_plan_is_a_pure_function():
 
 def _compile_check(*args, timeout=900):
     """lora_kernels.backends.triton.compile_check in a fresh interpreter without TRITON_INTERPRET."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    try:
-        get_ptxas(90).path, get_ptxas(80).path
-    except Exception as exc:  # no ptxas shipped with this triton build
-        pytest.skip(f"no ptxas to compile for sm80/sm90: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "lora_kernels.backends.triton.compile_check", *args],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+    return run_compiled(["-m", "lora_kernels.backends.triton.compile_check", *args], timeout)
 
 
 def test_static_report_quick():

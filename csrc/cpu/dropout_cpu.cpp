@@ -115,6 +115,7 @@ __attribute__((target("avx512f"))) void keep_bytes_avx512(uint64_t seed, uint64_
   keep_bytes_scalar(seed, first + static_cast<uint64_t>(i), count - i, threshold, out + i);
 }
 
+template <bool kAccumulate>
 __attribute__((target("avx512f"))) void masked_scale_avx512(const uint8_t* bits, const float* in, float mult,
                                                            float* out, int64_t count) {
   // x * (0 or mult), never a masked (zeroing) multiply: a NaN/Inf at a dropped element stays NaN
@@ -124,14 +125,18 @@ __attribute__((target("avx512f"))) void masked_scale_avx512(const uint8_t* bits,
   for (; i + 16 <= count; i += 16) {
     uint16_t keep;
     std::memcpy(&keep, bits + i / 8, sizeof(keep));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_maskz_mov_ps(keep, m)));
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_maskz_mov_ps(keep, m));
+    if (kAccumulate) v = _mm512_add_ps(_mm512_loadu_ps(out + i), v);
+    _mm512_storeu_ps(out + i, v);
   }
   if (i < count) {  // fewer than 16 left: masked loads and stores stay inside the arrays
     const int64_t n = count - i;
     const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
     const uint32_t keep = bits[i / 8] | (n > 8 ? static_cast<uint32_t>(bits[i / 8 + 1]) << 8 : 0u);
-    const __m512 v = _mm512_maskz_loadu_ps(lanes, in + i);
-    _mm512_mask_storeu_ps(out + i, lanes, _mm512_mul_ps(v, _mm512_maskz_mov_ps(static_cast<__mmask16>(keep), m)));
+    const __m512 kept = _mm512_maskz_mov_ps(static_cast<__mmask16>(keep), m);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, in + i), kept);
+    if (kAccumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, out + i), v);
+    _mm512_mask_storeu_ps(out + i, lanes, v);
   }
 }
 #pragma GCC diagnostic pop
@@ -146,11 +151,17 @@ void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold
   keep_bytes_scalar(seed, first, count, threshold, out);
 }
 
-void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count) {
+void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count, bool accumulate) {
 #if defined(__x86_64__)
-  if (cpu_has_avx512()) return masked_scale_avx512(bits, in, mult, out, count);
+  if (cpu_has_avx512()) {
+    return accumulate ? masked_scale_avx512<true>(bits, in, mult, out, count)
+                      : masked_scale_avx512<false>(bits, in, mult, out, count);
+  }
 #endif
-  for (int64_t i = 0; i < count; ++i) out[i] = in[i] * (((bits[i / 8] >> (i % 8)) & 1) ? mult : 0.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = in[i] * (((bits[i / 8] >> (i % 8)) & 1) ? mult : 0.0f);
+    out[i] = accumulate ? out[i] + v : v;
+  }
 }
 
 namespace {

@@ -29,10 +29,11 @@ DropoutSpec make_dropout_spec(const c10::optional<at::Tensor>& seed, double drop
 // out[i] = keep bits (bit j: lane j kept) of Philox group first + i, for i in [0, count).
 void keep_bytes(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* out);
 
-// out[i] = in[i] * (bit i of `bits` ? mult : 0) for i in [0, count) (bit i: bits[i / 8] >> (i % 8)):
+// out[i] = in[i] * (bit i of `bits` ? mult : 0) for i in [0, count) (bit i: bits[i / 8] >> (i % 8)),
+// or out[i] += that with `accumulate` (several adapters' terms summed into one grad_x row):
 // a multiply by 0, not a 0, so NaN/Inf at dropped elements propagate (x * mask, as torch).
 // AVX-512: sixteen elements per multiply by a zero-or-mult vector.
-void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count);
+void masked_scale(const uint8_t* bits, const float* in, float mult, float* out, int64_t count, bool accumulate);
 
 // Dropout of the rows of a (*, cols) input: `row_bytes` regenerates the keep bits of one row (one
 // byte per group of 8 flat elements), `apply` multiplies a row by its multipliers (0 or 1/(1-p))
@@ -58,21 +59,25 @@ class RowDropout {
   }
 
   // out[k] = factor * in[k * in_stride] * multiplier(row, k) for k in [0, cols), given the row's
-  // keep bytes from `row_bytes`.
+  // keep bytes from `row_bytes`; with `accumulate`, out[k] += that (in acc_t).
   template <typename in_t, typename out_t>
-  void apply(int64_t row, const uint8_t* bytes, const in_t* in, int64_t in_stride, acc_t factor, out_t* out) const {
+  void apply(int64_t row, const uint8_t* bytes, const in_t* in, int64_t in_stride, acc_t factor, out_t* out,
+             bool accumulate) const {
     const uint64_t start = row_start(row);
     const int64_t head = std::min<int64_t>(cols_, (kLanesPerCall - static_cast<int64_t>(start % kLanesPerCall)) %
                                                       kLanesPerCall);
+    auto put = [&](int64_t k, acc_t v) {
+      out[k] = static_cast<out_t>(accumulate ? static_cast<acc_t>(out[k]) + v : v);
+    };
     auto one = [&](int64_t k, const std::array<acc_t, kLanesPerCall>& mult, int lane) {
-      out[k] = static_cast<out_t>(factor * static_cast<acc_t>(in[k * in_stride]) * mult[lane]);
+      put(k, factor * static_cast<acc_t>(in[k * in_stride]) * mult[lane]);
     };
     int64_t k = 0;
     for (; k < head; ++k) one(k, table_[bytes[0]], static_cast<int>((start + k) % kLanesPerCall));
     const uint8_t* byte = bytes + (head > 0 ? 1 : 0);  // from here on, column k starts a group
     if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float> && std::is_same_v<acc_t, float>) {
       if (in_stride == 1) {
-        masked_scale(byte, in + k, factor * static_cast<float>(spec_.scale), out + k, cols_ - k);
+        masked_scale(byte, in + k, factor * static_cast<float>(spec_.scale), out + k, cols_ - k, accumulate);
         return;
       }
     }
@@ -80,7 +85,7 @@ class RowDropout {
       for (; k + kLanesPerCall <= cols_; k += kLanesPerCall, ++byte) {
         const acc_t* mult = table_[*byte].data();
         for (int j = 0; j < kLanesPerCall; ++j) {
-          out[k + j] = static_cast<out_t>(factor * static_cast<acc_t>(in[k + j]) * mult[j]);
+          put(k + j, factor * static_cast<acc_t>(in[k + j]) * mult[j]);
         }
       }
     } else {

@@ -70,9 +70,9 @@ __attribute__((target("avx512f"))) inline void broadcast_fma(__m512 (&acc)[R][V]
   }
 }
 
-// out[R rows, V vectors] = bias + alpha · u[R rows, :inner] · v[:inner, V vectors]: each element
-// of u broadcast against a row of v.
-template <int R, int V>
+// out[R rows, V vectors] = bias + alpha · u[R rows, :inner] · v[:inner, V vectors] (+ out's old
+// value with kAccumulate): each element of u broadcast against a row of v.
+template <int R, int V, bool kAccumulate>
 __attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* u, int64_t ldu, const float* v,
                                                    int64_t ldv, float alpha, const float* bias, __mmask16 last,
                                                    float* out, int64_t ldo) {
@@ -91,7 +91,10 @@ __attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* 
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int c = 0; c < V; ++c) store_vec<V>(out + i * ldo, c, last, _mm512_fmadd_ps(acc[i][c], scale, bv[c]));
+    for (int c = 0; c < V; ++c) {
+      const __m512 base = kAccumulate ? _mm512_add_ps(load_vec<V>(out + i * ldo, c, last), bv[c]) : bv[c];
+      store_vec<V>(out + i * ldo, c, last, _mm512_fmadd_ps(acc[i][c], scale, base));
+    }
 }
 
 // Rows per tile: ~24 accumulators of the 32 zmm registers (10 loads per 24 FMAs at V = 4), and at
@@ -101,16 +104,18 @@ constexpr int matmul_tile_rows() {
   return V <= 2 ? 8 : 6;
 }
 
-template <int V>
+template <int V, bool kAccumulate>
 __attribute__((target("avx512f"))) void matmul_cols(int64_t rows, int64_t inner, const float* u, int64_t ldu,
                                                    const float* v, int64_t ldv, float alpha, const float* bias,
                                                    __mmask16 last, float* out, int64_t ldo) {
   constexpr int R = matmul_tile_rows<V>();
   int64_t i = 0;
   for (; i + R <= rows; i += R) {
-    matmul_tile<R, V>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+    matmul_tile<R, V, kAccumulate>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
   }
-  for (; i < rows; ++i) matmul_tile<1, V>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+  for (; i < rows; ++i) {
+    matmul_tile<1, V, kAccumulate>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+  }
 }
 
 // acc[J rows, V vectors] += u[:rows, J cols]ᵀ · a[:rows, V vectors]. With kPack the rows of a
@@ -200,11 +205,16 @@ void for_column_strips(int64_t cols, const Fn& cols_fn) {
 }  // namespace
 
 void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v, int64_t ldv,
-                 float alpha, const float* bias, float* out, int64_t ldo) {
+                 float alpha, const float* bias, float* out, int64_t ldo, bool accumulate) {
   TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul needs AVX-512");
   for_column_strips(cols, [&](auto vecs, int64_t col, __mmask16 last) {
-    matmul_cols<decltype(vecs)::value>(rows, inner, u, ldu, v + col, ldv, alpha, bias == nullptr ? nullptr : bias + col,
-                                       last, out + col, ldo);
+    constexpr int V = decltype(vecs)::value;
+    const float* bias_cols = bias == nullptr ? nullptr : bias + col;
+    if (accumulate) {
+      matmul_cols<V, true>(rows, inner, u, ldu, v + col, ldv, alpha, bias_cols, last, out + col, ldo);
+    } else {
+      matmul_cols<V, false>(rows, inner, u, ldu, v + col, ldv, alpha, bias_cols, last, out + col, ldo);
+    }
   });
 }
 
@@ -219,7 +229,7 @@ void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u
 #else  // no x86: thin_matmul_enabled() is false and callers use ATen
 
 void thin_matmul(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, const float*, float*,
-                 int64_t) {
+                 int64_t, bool) {
   TORCH_CHECK(false, "lora_kernels: thin_matmul needs AVX-512");
 }
 void thin_matmul_t_accumulate(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,

@@ -19,11 +19,12 @@ namespace cpu {
 
 inline bool thin_matmul_enabled() { return cpu_has_avx512(); }
 
-// out (rows, cols) = bias (cols; none if null) + alpha · u (rows, inner) · v (inner, cols).
+// out (rows, cols) = bias (cols; none if null) + alpha · u (rows, inner) · v (inner, cols), or
+// out += that with `accumulate` (several adapters' terms summed into one grad_x block).
 // One of inner and cols is the rank: xa = x·Aᵀ and g = dY·B (cols = r), or s·xa·Bᵀ and s·g·A
 // (inner = r).
 void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v, int64_t ldv,
-                 float alpha, const float* bias, float* out, int64_t ldo);
+                 float alpha, const float* bias, float* out, int64_t ldo, bool accumulate);
 
 // acc (r, n) += uᵀ (r, rows) · a (rows, n), with u (rows, r): dB and dA per row block.
 void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,

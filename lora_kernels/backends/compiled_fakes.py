@@ -20,6 +20,18 @@ def _fused_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
     return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+@torch.library.register_fake("lora_kernels::fused_forward_stacked")
+def _fused_forward_stacked_fake(x, weight, bias, lora_A, lora_B, ranks, scalings, dropout_ps, seeds):
+    torch._check(sum(ranks) == lora_A.shape[0], lambda: "sum(ranks) must equal lora_A's rows R")
+    return _fused_forward_fake(x, weight, bias, lora_A, lora_B, 1.0, 0.0, None)
+
+
+@torch.library.register_fake("lora_kernels::fused_backward_stacked")
+def _fused_backward_stacked_fake(grad_y, x, weight, lora_A, lora_B, xa, ranks, scalings, dropout_ps, seeds,
+                                 compute_grad_x):
+    return _fused_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, 1.0, 0.0, None, compute_grad_x)
+
+
 @torch.library.register_fake("lora_kernels::dropout_keep_mask")
 def _dropout_keep_mask_fake(seed, rows, cols, dropout_p):
     return seed.new_empty(rows, cols, dtype=torch.bool)
@@ -33,3 +45,8 @@ def _dropout_keep_bits_fake(seed, first_group, count, dropout_p):
 @torch.library.register_fake("lora_kernels::decode_4bit")
 def _decode_4bit_fake(packed, absmax, code, first, row_stride, blocksize, out):
     return None
+
+
+@torch.library.register_fake("lora_kernels::per_row_forward")
+def _per_row_forward_fake(x, weight, bias, lora_A, lora_B, scalings, order, starts):
+    return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], lora_A.shape[1])

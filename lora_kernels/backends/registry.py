@@ -11,7 +11,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
+from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights, PerRowSpec, StackedSpec
+
+# Variants that are a backend's own entry points (`forward_<name>` / `backward_<name>`): a backend
+# serves them only if it lists them in `Backend.variants`; every other variant (DoRA) composes on
+# any backend's plain op.
+BACKEND_VARIANTS = ("stacked", "per_row")
 
 
 def _always(device: torch.device) -> Optional[str]:
@@ -34,16 +39,22 @@ class Backend:
     # Base-weight formats it reads itself; None: any registered format, through the format's own
     # products (`BaseWeight.matmul_into` / `grad_input_into`) around the backend's LoRA kernels.
     base_formats: Optional[Tuple[str, ...]] = None
-    # Variants it fuses natively; every other variant runs its composed form on this backend's plain op.
+    # Variants it serves itself: the plain op, and those of BACKEND_VARIANTS it implements (several
+    # adapters summed: `forward_stacked`/`backward_stacked`; a mixed batch by per-row adapter ids:
+    # `forward_per_row`/`backward_per_row`). Other variants compose on this backend's plain op.
     variants: Tuple[str, ...] = ("lora",)
     # device -> why the backend cannot run here (extension not built, triton missing, ...), or None
     availability: Callable[[torch.device], Optional[str]] = _always
 
     def not_supported_reasons(
-        self, device: torch.device, dtype: Optional[torch.dtype] = None, base_format: str = "dense"
+        self, device: torch.device, dtype: Optional[torch.dtype] = None, base_format: str = "dense",
+        variant: str = "lora",
     ) -> List[str]:
-        """Why this backend cannot serve tensors of `device`/`dtype` on a `base_format` base ([] if it can)."""
+        """Why this backend cannot serve `variant` for tensors of `device`/`dtype` on a `base_format`
+        base ([] if it can)."""
         reasons = []
+        if variant in BACKEND_VARIANTS and variant not in self.variants:
+            reasons.append(f"it does not implement the {variant!r} variant")
         if device.type not in self.device_types:
             reasons.append(f"it runs on {' or '.join(self.device_types)} tensors, got {device.type}")
         if dtype is not None and dtype not in self.dtypes:
@@ -58,9 +69,9 @@ class Backend:
         return reasons
 
     def unavailable_reason(self, device: torch.device, dtype: Optional[torch.dtype] = None,
-                           base_format: str = "dense") -> Optional[str]:
+                           base_format: str = "dense", variant: str = "lora") -> Optional[str]:
         """The reasons of `not_supported_reasons` as one string, or None if the backend can serve."""
-        reasons = self.not_supported_reasons(device, dtype, base_format)
+        reasons = self.not_supported_reasons(device, dtype, base_format, variant)
         return "; ".join(reasons) if reasons else None
 
     def impl(self):
@@ -73,6 +84,23 @@ class Backend:
     def backward(self, dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx: bool) -> LoRAGrads:
         """dy (M, N) -> LoRAGrads(x (M, K) or None, lora_A (r, K), lora_B (N, r))."""
         return LoRAGrads(*self.impl().backward(dy, x2d, weights, xa, spec, seed, compute_dx))
+
+    def forward_stacked(self, x2d, weights: LoRAWeights, spec: StackedSpec, seeds):
+        """Several adapters summed: x2d (M, K) -> (y (M, N), xa (M, R)); see `contract.StackedSpec`."""
+        return self.impl().forward_stacked(x2d, weights, spec, seeds)
+
+    def backward_stacked(self, dy, x2d, weights: LoRAWeights, xa, spec: StackedSpec, seeds,
+                         compute_dx: bool) -> LoRAGrads:
+        """dy (M, N) -> LoRAGrads(x (M, K) or None, lora_A (R, K), lora_B (N, R))."""
+        return LoRAGrads(*self.impl().backward_stacked(dy, x2d, weights, xa, spec, seeds, compute_dx))
+
+    def forward_per_row(self, x2d, weights: LoRAWeights, spec: PerRowSpec):
+        """A mixed batch: x2d (M, K) -> (y (M, N), xa (M, r)); see `contract.PerRowSpec`."""
+        return self.impl().forward_per_row(x2d, weights, spec)
+
+    def backward_per_row(self, dy, x2d, weights: LoRAWeights, xa, spec: PerRowSpec, compute_dx: bool) -> LoRAGrads:
+        """dy (M, N) -> LoRAGrads(x (M, K) or None, lora_A (T, r, K), lora_B (T, N, r))."""
+        return LoRAGrads(*self.impl().backward_per_row(dy, x2d, weights, xa, spec, compute_dx))
 
 
 BACKENDS: Dict[str, Backend] = {}
@@ -91,25 +119,27 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-def resolve(name: str, device: torch.device, dtype: Optional[torch.dtype] = None, base_format: str = "dense") -> str:
-    """The concrete backend for `name` ("auto" or a backend name) for tensors of `device` (and
-    `dtype`, if given) on a `base_format` base; ValueError naming the reasons if `name` cannot serve them."""
-    return _resolve(name, device.type, device.index, dtype, base_format)
+def resolve(name: str, device: torch.device, dtype: Optional[torch.dtype] = None, base_format: str = "dense",
+            variant: str = "lora") -> str:
+    """The concrete backend for `name` ("auto" or a backend name) serving `variant` for tensors of
+    `device` (and `dtype`, if given) on a `base_format` base; ValueError naming the reasons if
+    `name` cannot serve them."""
+    return _resolve(name, device.type, device.index, dtype, base_format, variant)
 
 
 # Constant for a given machine: torch.compile evaluates it once instead of tracing the imports.
 @torch.compiler.assume_constant_result
 def _resolve(name: str, device_type: str, device_index: Optional[int], dtype: Optional[torch.dtype],
-             base_format: str) -> str:
+             base_format: str, variant: str) -> str:
     device = torch.device(device_type, device_index)
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
-            if not BACKENDS[candidate].not_supported_reasons(device, dtype, base_format):
+            if not BACKENDS[candidate].not_supported_reasons(device, dtype, base_format, variant):
                 return candidate
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    reason = BACKENDS[name].unavailable_reason(device, dtype, base_format)
+    reason = BACKENDS[name].unavailable_reason(device, dtype, base_format, variant)
     if reason is not None:
         raise ValueError(f"backend {name!r} cannot serve {device.type} tensors here: {reason}")
     return name

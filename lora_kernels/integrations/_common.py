@@ -5,9 +5,10 @@ nn.Linear weights, hooks, dropout modules, autocast)."""
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,20 +19,66 @@ FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast would cast for a linear
 
 
+class AdapterStackCache:
+    """A layer's adapters stacked for the per-row (mixed batch) op, kept between calls.
+
+    `get(lora_As, lora_Bs, dtype)` with T tensors (r_t, K) and (N, r_t) returns lora_A (T, r, K)
+    and lora_B (T, N, r) in `dtype`, zero-padded to the largest rank r — what
+    `lora_linear_per_row` takes. What is cached: that one stack, a copy of the adapters' weights
+    (T·r·(K + N) elements of `dtype`), rebuilt when an adapter tensor is replaced, changes shape or
+    storage, or is changed in place (its `_version`: optimizer steps, `load_state_dict`), or the
+    dtype or set of adapters differs. A call that needs gradients of the adapters (grad mode on and
+    any of them requiring grad) is not cached: it gets the (cast) tensors as lists, which the op
+    pads itself and differentiates through. Not pickled or deep-copied (a copy rebuilds it)."""
+
+    def __init__(self):
+        self._refs: Tuple = ()
+        self._key: Optional[Tuple] = None
+        self._stacks: Optional[Tuple[Tensor, Tensor]] = None
+
+    def __reduce__(self):
+        return (AdapterStackCache, ())
+
+    def get(
+        self, lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], dtype: torch.dtype
+    ) -> Tuple[Union[Tensor, List[Tensor]], Union[Tensor, List[Tensor]]]:
+        tensors = (*lora_As, *lora_Bs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return list(cast_all(dtype, lora_As)), list(cast_all(dtype, lora_Bs))
+        key = (dtype, tuple((t.data_ptr(), t._version, tuple(t.shape), t.device) for t in tensors))
+        if self._stacks is not None and key == self._key and all(r() is t for r, t in zip(self._refs, tensors)):
+            return self._stacks
+        with torch.no_grad():
+            rank = max(a.shape[0] for a in lora_As)
+            first = lora_As[0]
+            stack_A = first.new_zeros((len(lora_As), rank, first.shape[1]), dtype=dtype)
+            stack_B = first.new_zeros((len(lora_Bs), lora_Bs[0].shape[0], rank), dtype=dtype)
+            for t, (a, b) in enumerate(zip(lora_As, lora_Bs)):
+                stack_A[t, : a.shape[0]] = a
+                stack_B[t, :, : b.shape[1]] = b
+        self._refs, self._key, self._stacks = tuple(weakref.ref(t) for t in tensors), key, (stack_A, stack_B)
+        return self._stacks
+
+    def clear(self) -> None:
+        self.__init__()
+
+
 @dataclass
 class PatchState:
     """Stored on a patched layer: the class forward it replaced, the framework that reads the layer
-    (`adapter.Framework.name`) and the options of `patch`."""
+    (`adapter.Framework.name`), the options of `patch`, and the layer's adapters stacked for mixed
+    batches (`AdapterStackCache`; dropped by `unpatch`)."""
 
     original: Callable  # the class's forward function (called as original(module, x, ...))
     framework: str
     backend: str
     cast_adapters: bool = False
+    stacks: AdapterStackCache = field(default_factory=AdapterStackCache, repr=False, compare=False)
 
 
 @dataclass
 class PatchReport:
-    """What `patch` did: the layers now served by `lora_kernels.lora_linear`, the layers that keep
+    """What `patch` did: the layers now served by the fused ops, the layers that keep
     their own forward (`kept`, grouped by reason) and patched layers that are fused only under a
     condition (`conditional`, grouped by condition; otherwise their calls run the original forward).
     `str(report)` is a readable summary."""

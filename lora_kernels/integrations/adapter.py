@@ -7,21 +7,23 @@ time), when a patched layer is fused only under a condition (noted in the report
 a `LayerCall` describing the fused call (or None: the framework's own forward runs).
 
 Everything else is here: the plan loop and `strict=`, install/uninstall of the instance forward,
-and the per-call forward — the dtype policy (autocast, `cast_adapters`), several p = 0 adapters
-stacked into one call, further adapters with dropout added by the framework's own eager term, the
-fallback to the framework's forward and the device-mismatch error.
+and the per-call forward — the dtype policy (autocast, `cast_adapters`), one adapter as one
+`lora_linear` (or variant) call, several active adapters (each with its own dropout) as one
+`lora_linear_stacked` call, a mixed batch (per-row adapter ids) as one `lora_linear_per_row` call,
+the fallback to the framework's forward and the device-mismatch error.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from lora_kernels.backends import resolve
+import lora_kernels
+from lora_kernels.backends import BACKENDS, resolve
 from lora_kernels.base_weights import BaseWeight
 from lora_kernels.integrations import _common as common
 from lora_kernels.variants import VARIANTS
@@ -30,9 +32,9 @@ from lora_kernels.variants import VARIANTS
 # patched layer finds it again by the name in its PatchState).
 FRAMEWORK_MODULES = {"peft": "lora_kernels.integrations.peft", "torchtune": "lora_kernels.integrations.torchtune"}
 
-# (x, result) -> (x, result + the adapter's term): the framework's own eager code for one adapter,
-# with the framework's input casting (x is threaded through, as PEFT reassigns it per adapter).
-EagerTerm = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+# fused_op's names for the two multi-adapter variants (lora_kernels.variants.stacked / per_row),
+# called through their own signatures (lists of adapters; per-row ids)
+STACKED, PER_ROW = "stacked", "per_row"
 
 
 @dataclass
@@ -42,8 +44,7 @@ class AdapterCall:
     lora_A (r, K), lora_B (N, r), lora_B_bias (N,) or None (PEFT's `lora_bias`); scaling: float;
     dropout_p: the rate in effect (0 in eval mode or without dropout); variant: a key of
     `lora_kernels.variants.VARIANTS`; extra: the variant's own tensors by keyword (DoRA's
-    magnitude (N,)); eager: the framework's own term, used when the adapter cannot join the fused
-    call (a further adapter with dropout), None if it has none."""
+    magnitude (N,))."""
 
     lora_A: Tensor
     lora_B: Tensor
@@ -52,7 +53,6 @@ class AdapterCall:
     dropout_p: float
     variant: str = "lora"
     extra: Dict[str, Tensor] = field(default_factory=dict)
-    eager: Optional[EagerTerm] = None
 
     def tensors(self) -> List[Tensor]:
         return [self.lora_A, self.lora_B] + [t for t in (self.lora_B_bias, *self.extra.values()) if t is not None]
@@ -63,7 +63,10 @@ class LayerCall:
     """One call of a LoRA layer as the fused op serves it.
 
     x (..., K); weight: W₀ (N, K) as a tensor, or a `BaseWeight` (a quantized base computes in its
-    `dtype`); bias (N,) or None; adapters in the framework's order.
+    `dtype`); bias (N,) or None; adapters in the framework's order: the active adapters (summed),
+    or with `adapter_ids` the adapters a mixed batch indexes.
+    adapter_ids: a mixed batch: int64 (M,) on x's device, the adapter of each of the M rows of x
+        (an index into `adapters`, -1 for base-only rows), or None (every row uses all `adapters`).
     cast_x: the framework casts x to the base's compute dtype (bitsandbytes does; nn.Linear does not,
         so there x must already have it).
     adapter_cast_ok: `patch(cast_adapters=True)` may fuse adapters of another dtype in the compute
@@ -78,6 +81,7 @@ class LayerCall:
     cast_x: bool = False
     adapter_cast_ok: bool = False
     out_dtype: Optional[torch.dtype] = None
+    adapter_ids: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,9 @@ class Framework:
     describe(module, x, args, kwargs) -> LayerCall or None: per call, the fused call, or None where
         the framework's forward must run (disabled or merged adapters, a mixed batch, ...).
     device_weight(module) -> tensor or None: the weight x must share a device with when the
-        framework's forward runs (None: a hook may move x)."""
+        framework's forward runs (None: a hook may move x).
+    several_adapters(module) -> bool, or None: the layer holds several adapters (summed, or a mixed
+        batch), which an explicit backend without the multi-adapter ops serves by the framework's forward."""
 
     name: str
     is_layer: Callable[[nn.Module], bool]
@@ -100,10 +106,12 @@ class Framework:
     conditions: Callable[[nn.Module, bool], List[str]]
     describe: Callable[[nn.Module, Tensor, tuple, dict], Optional[LayerCall]]
     device_weight: Callable[[nn.Module], Optional[Tensor]]
+    several_adapters: Optional[Callable[[nn.Module], bool]] = None
 
     def plan(self, model: nn.Module, backend: str = "auto", cast_adapters: bool = False):
         """(report of the layers that keep their own forward, [(name, layer) to patch]); changes nothing."""
-        _check_backend(model, backend)
+        device = _check_backend(model, backend)
+        multi_condition = _multi_adapter_condition(backend, device) if self.several_adapters else None
         kept, todo = common.PatchReport(backend=backend), []
         for name, module in model.named_modules():
             if not self.is_layer(module):
@@ -116,6 +124,8 @@ class Framework:
             todo.append((name, module))
             for condition in self.conditions(module, cast_adapters):
                 kept.note(name, condition)
+            if multi_condition is not None and self.several_adapters(module):
+                kept.note(name, multi_condition)
             if fsdp2 and common.sharded(module):
                 kept.note(name, common.FSDP2_CONDITION)
         return kept, todo
@@ -158,10 +168,27 @@ def framework(name: str) -> Framework:
     return _REGISTERED[name]
 
 
-def _check_backend(model: nn.Module, backend: str) -> None:
+def _check_backend(model: nn.Module, backend: str) -> torch.device:
+    """The model's device, once `backend` is known to serve it (ValueError now rather than at the
+    first forward)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
-    resolve(backend, device)  # ValueError now rather than at the first forward
+    resolve(backend, device)
+    return device
+
+
+def _multi_adapter_condition(backend: str, device: torch.device) -> Optional[str]:
+    """The report's line for an explicitly chosen backend that lacks the multi-adapter ops, or None."""
+    if backend == "auto":  # picks, per op, a backend that implements it
+        return None
+    missing = [v for v in (STACKED, PER_ROW) if BACKENDS[backend].unavailable_reason(device, variant=v)]
+    if not missing:
+        return None
+    return (
+        f"with one active adapter and without adapter_names: backend {backend!r} does not implement "
+        f"{' / '.join(missing)} (several active adapters / mixed batches), so the framework's forward runs those "
+        "calls of these layers, which hold several adapters"
+    )
 
 
 # --- the per-call forward -----------------------------------------------------------------------
@@ -188,28 +215,44 @@ def fused_forward(module: nn.Module, x, *args, **kwargs):
 
 
 def fused_op(variant: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, extra):
-    """One call of the variant's served form (plain LoRA: `lora_linear`); the one place the
-    integrations enter the op (tests count calls here)."""
+    """One fused call: the variant's served form (plain LoRA: `lora_linear`), or with `STACKED`
+    `lora_linear_stacked` (lists of A/B, scalings and rates) or with `PER_ROW` `lora_linear_per_row`
+    (`extra["adapter_ids"]`); the one place the integrations enter the op (tests count calls here)."""
+    if variant == STACKED:
+        training = any(p > 0.0 for p in dropout_p)
+        return lora_kernels.lora_linear_stacked(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training, backend=backend
+        )
+    if variant == PER_ROW:
+        return lora_kernels.lora_linear_per_row(
+            x, weight, bias, lora_A, lora_B, scaling, extra["adapter_ids"], backend=backend
+        )
     return VARIANTS[variant].apply(  # by keyword: a variant's own parameters may sit anywhere in its signature
         x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scaling=scaling, dropout_p=dropout_p,
         training=dropout_p > 0.0, backend=backend, **extra,
     )
 
 
-def _split(adapters: List[AdapterCall]):
-    """(fused, eager): which adapters join the fused call; None if the call cannot be served.
-    Plain LoRA: all of them when none has dropout (stacked into one call), else the first with
-    dropout; the others add their framework's eager term. Another variant: only as the one adapter."""
-    if any(a.variant != "lora" for a in adapters):
-        if len(adapters) != 1 or adapters[0].variant not in VARIANTS:
-            return None
-        return adapters, []
-    dropped = [a for a in adapters if a.dropout_p > 0.0]
-    fused = adapters if not dropped else [dropped[0]]
-    eager = [a for a in adapters if all(a is not f for f in fused)]
-    if any(a.eager is None for a in eager):
-        return None
-    return fused, eager
+def _servable(call: LayerCall) -> bool:
+    """Whether the adapters of `call` fit one fused call: another variant (DoRA) only as the one
+    active adapter; a mixed batch only of plain LoRA adapters without a bias on lora_B (the per-row
+    op has none, nor dropout: the framework must leave out adapters whose dropout is in effect)."""
+    if call.adapter_ids is not None:
+        return all(a.variant == "lora" and a.lora_B_bias is None for a in call.adapters)
+    if any(a.variant != "lora" for a in call.adapters):
+        return len(call.adapters) == 1 and call.adapters[0].variant in VARIANTS
+    return True
+
+
+def _serves(backend: str, x: Tensor, compute: torch.dtype, weight, variant: str) -> bool:
+    """Whether `backend` implements the multi-adapter `variant` here (an explicitly chosen backend
+    may serve one adapter only: its calls with several then run the framework's forward)."""
+    base_format = weight.format if isinstance(weight, BaseWeight) else "dense"
+    try:
+        resolve(backend, x.device, compute, base_format, variant=variant)
+    except ValueError:
+        return False
+    return True
 
 
 def _trainable(weight) -> bool:
@@ -249,45 +292,45 @@ def compute_dtype(call: LayerCall, cast_adapters: bool) -> Optional[torch.dtype]
 
 def run(call: LayerCall, state: common.PatchState) -> Optional[Tensor]:
     """The fused result of `call`, or None where the framework's forward must run instead."""
-    x = call.x
-    if not call.adapters or x.dim() == 0 or x.shape[-1] != call.weight.shape[1]:
+    x, adapters = call.x, call.adapters
+    if not adapters or x.dim() == 0 or x.shape[-1] != call.weight.shape[1] or not _servable(call):
         return None
-    split = _split(call.adapters)
-    if split is None:
-        return None
-    fused, eager = split
-    if fused[0].variant != "lora" and _trainable(call.weight):
+    if adapters[0].variant != "lora" and _trainable(call.weight):
         return None  # a variant's served form gives W₀ no gradient; the framework's forward does
-    tensors = [x, call.bias] + [t for a in call.adapters for t in a.tensors()]
+    tensors = [x, call.bias] + [t for a in adapters for t in a.tensors()]
     tensors += [] if isinstance(call.weight, BaseWeight) else [call.weight]
     if any(t is not None and t.device != x.device for t in tensors) or call.weight.device != x.device:
         return None
     compute = compute_dtype(call, state.cast_adapters)
-    if compute is None or any(abs(a.scaling) > torch.finfo(compute).max for a in fused):
-        return None  # lora_linear refuses such a scaling; the framework's forward overflows as it always did
+    if compute is None or any(abs(a.scaling) > torch.finfo(compute).max for a in adapters):
+        return None  # the ops refuse such a scaling; the framework's forward overflows as it always did
 
     x_c, bias_c = common.cast_all(compute, (x, call.bias))
     weight_c = call.weight if isinstance(call.weight, BaseWeight) else common.cast_all(compute, (call.weight,))[0]
-    lora_bias = [a.lora_B_bias * a.scaling for a in fused if a.lora_B_bias is not None]
+    lora_bias = [a.lora_B_bias * a.scaling for a in adapters if a.lora_B_bias is not None]
     if lora_bias:  # s·(lora_B's bias) is a constant term of the output: fold it into the base bias
         lora_bias = common.cast_all(compute, lora_bias)
         bias_c = sum(lora_bias[1:], lora_bias[0]) if bias_c is None else sum(lora_bias, bias_c)
-    if len(fused) == 1:
-        first = fused[0]
+    scalings = [a.scaling for a in adapters]
+    if call.adapter_ids is not None:
+        a_w, b_w = state.stacks.get([a.lora_A for a in adapters], [a.lora_B for a in adapters], compute)
+        variant, p, extra = PER_ROW, 0.0, {"adapter_ids": call.adapter_ids}
+    elif len(adapters) == 1:
+        first = adapters[0]
         a_w, b_w = common.cast_all(compute, (first.lora_A, first.lora_B))
-        scaling, p, variant = first.scaling, first.dropout_p, first.variant
+        variant, scalings, p = first.variant, first.scaling, first.dropout_p
         extra = dict(zip(first.extra, common.cast_all(compute, list(first.extra.values()))))
-    else:  # plain LoRA, p = 0 for all: x·[A1;A2]ᵀ·[s1·B1, s2·B2]ᵀ = Σ sᵢ·(x·Aᵢᵀ)·Bᵢᵀ
-        a_w = torch.cat(common.cast_all(compute, [a.lora_A for a in fused]), dim=0)
-        b_w = torch.cat(common.cast_all(compute, [a.lora_B * a.scaling for a in fused]), dim=1)
-        scaling, p, variant, extra = 1.0, 0.0, "lora", {}
-    result = fused_op(variant, x_c, weight_c, bias_c, a_w, b_w, scaling, p, state.backend, extra)
+    else:  # several active adapters summed, each with its own dropout mask
+        a_w = list(common.cast_all(compute, [a.lora_A for a in adapters]))
+        b_w = list(common.cast_all(compute, [a.lora_B for a in adapters]))
+        variant, p, extra = STACKED, [a.dropout_p for a in adapters], {}
+        # p = 1 drops everything: a zero term and zero A/B gradients, as torch's dropout(p=1)
+        # gives and `lora_linear` serves; the stacked op takes p < 1 only, so: scaling 0, p 0
+        scalings = [0.0 if q >= 1.0 else s for s, q in zip(scalings, p)]
+        p = [0.0 if q >= 1.0 else q for q in p]
+    if variant in (STACKED, PER_ROW) and not _serves(state.backend, x, compute, weight_c, variant):
+        return None
+    result = fused_op(variant, x_c, weight_c, bias_c, a_w, b_w, scalings, p, state.backend, extra)
     if call.out_dtype is not None:
         result = result.to(call.out_dtype)
-    if eager:  # further adapters with dropout: the framework's own terms, its own masks
-        result_dtype, x_eager = result.dtype, x
-        for adapter in eager:
-            x_eager, result = adapter.eager(x_eager, result)
-        result = result.to(result_dtype)
     return result
-

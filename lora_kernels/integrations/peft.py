@@ -6,17 +6,27 @@ DoRA) and QLoRA's `lora.bnb.Linear4bit` on a bitsandbytes NF4/FP4 base.
 forward (`lora_kernels.integrations.adapter`); parameters, buffers, hooks and the state_dict are
 untouched, so `save_pretrained` / `from_pretrained`, `merge_and_unload`, optimizers and DDP see the
 same model. `unpatch(model)` restores PEFT's forward. Per call, anything the fused path does not
-reproduce exactly (disabled or merged adapters, `adapter_names` mixed batches, mismatched dtypes,
-hooks on the base layer, …) is delegated to PEFT's own forward.
+reproduce exactly (disabled or merged adapters, mismatched dtypes, hooks on the base layer, …) is
+delegated to PEFT's own forward.
 
 PEFT semantics reproduced (peft 0.21, `lora.Linear.forward`, `lora.bnb.Linear4bit.forward`):
 
 * ``result = base_layer(x)``; then for each active adapter that the layer holds, in order,
   ``result = result + lora_B(lora_A(dropout(x))) * scaling[adapter]``. `scaling` is read per
   call, so rsLoRA, `set_scale` and `scale_layer` apply.
-* the first adapter's term is fused with the base GEMM and bias; with several adapters and no
-  dropout they all go into that one call (A's stacked, B's scaled and stacked); with dropout each
-  further adapter adds PEFT's own eager term (its own independent mask, as PEFT draws one).
+* one active adapter: its term is fused with the base GEMM and bias (`lora_linear`); several
+  active plain-LoRA adapters at any dropout: one `lora_linear_stacked` call, each adapter with its
+  own independent mask (PEFT draws one per adapter too; the masks are the lora_kernels generator's
+  under one seed per adapter, not torch's).
+* mixed batches, ``model(..., adapter_names=[...])`` (`LoraLayer._mixed_batch_forward`: one name
+  per sample of the batch dim, ``"__base__"`` or a name this layer lacks = base only): one
+  `lora_linear_per_row` call, the name of sample b applied to every row (token) of x[b]. The
+  layer's plain adapters are stacked once (zero-padded to the largest rank) and the stack kept
+  between calls that need no gradient of them (see `_common.AdapterStackCache` for what is
+  cached and when it is rebuilt). PEFT's forward runs (and raises as it does) for a wrong number
+  of names, merged adapters or a DoRA adapter among the names; it also runs when a named adapter
+  has dropout in effect (training mode: PEFT drops per sub-batch) or a `lora_bias` (the report's
+  "fused only" lines say which layers).
 * `lora_bias`: ``lora_B``'s bias times `scaling` is folded into the base bias.
 * dropout: ``nn.Dropout(p)`` in training mode -> the fused op's dropout at rate p (the mask is the
   lora_kernels generator's, regenerated in backward, never stored); ``nn.Identity`` or eval -> none.
@@ -174,9 +184,23 @@ def _base_dtype(module: LoraLayer) -> torch.dtype:
     return base.weight.dtype
 
 
+MIXED_DROPOUT_CONDITION = (
+    "for mixed batches (adapter_names), in eval mode: in training a mixed batch naming an adapter with "
+    "lora_dropout > 0 runs PEFT's forward (PEFT drops each sub-batch with torch's dropout)"
+)
+MIXED_BIAS_CONDITION = (
+    "for mixed batches (adapter_names), unless they name a lora_bias adapter: those run PEFT's forward "
+    "(the per-row op has no per-adapter bias)"
+)
+
+
 def _conditions(module: LoraLayer, cast_adapters: bool) -> List[str]:
     """When a patchable layer is fused only under a condition (the report's "fused only" lines)."""
     conditions = []
+    if any(type(d) is nn.Dropout and d.p > 0.0 for d in module.lora_dropout.values()):
+        conditions.append(MIXED_DROPOUT_CONDITION)
+    if any(module.lora_B[name].bias is not None for name in module.lora_B):
+        conditions.append(MIXED_BIAS_CONDITION)
     if module.lora_variant:
         conditions.append(DORA_AUTOCAST_CONDITION)
         if len(module.lora_A) > 1:
@@ -200,20 +224,7 @@ def _conditions(module: LoraLayer, cast_adapters: bool) -> List[str]:
 # --- the fused call (per call) ----------------------------------------------------------------------
 
 
-def _eager_term(layer: LoraLayer, name: str, convert: bool):
-    """PEFT's own term for adapter `name` (its input casting, its dropout module); `convert`: the
-    4-bit layer's rule, the term cast to the result's dtype before it is added."""
-
-    def term(x, result):
-        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-        x = layer._cast_input_dtype(x, lora_A.weight.dtype)
-        out = lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]
-        return x, result + (out.to(result.dtype) if convert else out)
-
-    return term
-
-
-def _adapter(layer: LoraLayer, name: str, convert: bool) -> Optional[AdapterCall]:
+def _adapter(layer: LoraLayer, name: str) -> Optional[AdapterCall]:
     """Adapter `name` of `layer` as the fused call takes it, or None if this call cannot serve it."""
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     p = common.dropout_p(dropout)
@@ -239,9 +250,7 @@ def _adapter(layer: LoraLayer, name: str, convert: bool) -> Optional[AdapterCall
         # PEFT uses x itself (no second base product) when dropout is nn.Identity or in eval mode
         variant, extra = "dora", {"magnitude": magnitude.weight}
         p = 0.0 if isinstance(dropout, nn.Identity) or not layer.training else p
-    return AdapterCall(
-        lora_A.weight, lora_B.weight, lora_B.bias, float(scaling), p, variant, extra, _eager_term(layer, name, convert)
-    )
+    return AdapterCall(lora_A.weight, lora_B.weight, lora_B.bias, float(scaling), p, variant, extra)
 
 
 def _qlora_base(layer: LoraLayer, x: torch.Tensor):
@@ -264,12 +273,45 @@ def _qlora_base(layer: LoraLayer, x: torch.Tensor):
     return weight, base.bias
 
 
+def _mixed_batch(layer: LoraLayer, x: torch.Tensor, names) -> Optional[tuple]:
+    """(adapters, adapter_ids) of a mixed-batch call: this layer's plain LoRA adapters in its lora_A
+    order (all of them, so the cached stack serves any batch; only the named ones when the call
+    needs their gradients) and the int64 (M,) index of each of x's M rows into them (-1: base
+    only), or None where PEFT's forward must run."""
+    if not isinstance(names, (list, tuple)) or x.dim() < 2 or len(names) != x.shape[0]:
+        return None  # PEFT raises on a wrong number of names
+    # with gradients, only the named adapters (PEFT leaves the others' .grad None, not zero —
+    # optimizers tell them apart); without, all of them, so the cached stack serves every batch
+    named = set(names)
+    grads = torch.is_grad_enabled() and any(p.requires_grad for n in named if n in layer.lora_A
+                                            for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+    adapters, index = [], {}
+    for name in layer.lora_A:
+        if grads and name not in named:
+            continue
+        adapter = None if name in layer.lora_variant else _adapter(layer, name)
+        if adapter is not None and adapter.lora_B_bias is None:
+            index[name] = len(adapters)
+            adapters.append(adapter)
+    for name in named:
+        if name == "__base__" or name not in layer.lora_A:
+            continue
+        if name not in index or adapters[index[name]].dropout_p > 0.0:
+            return None  # DoRA (PEFT raises), lora_bias, dropout in effect, hooks, …
+    # "__base__" and names this layer lacks: base only, as PEFT skips them
+    per_sample = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64)
+    rows = x[0].numel() // x.shape[-1]  # rows (tokens) of x per sample
+    adapter_ids = per_sample.repeat_interleave(rows).to(x.device, non_blocking=True)
+    return adapters, adapter_ids
+
+
 def _describe(layer: LoraLayer, x, args, kwargs) -> Optional[LayerCall]:
     """This call of `layer` as a fused call, or None where PEFT's forward must run."""
-    if args or not all(k in _KNOWN_KWARGS and v is None for k, v in kwargs.items()):
-        return None  # a mixed batch (adapter_names), variant kwargs, or extra arguments
+    names = kwargs.get("adapter_names")
+    if args or not all(k in _KNOWN_KWARGS and (v is None or k == "adapter_names") for k, v in kwargs.items()):
+        return None  # variant kwargs (aLoRA offsets) or extra arguments
     if layer.disable_adapters or layer.merged or not isinstance(x, torch.Tensor):
-        return None  # PEFT: (unmerge and) base layer only
+        return None  # PEFT: (unmerge and) base layer only, or its checks raise
     base = layer.base_layer
     if common.has_hooks(base):
         return None
@@ -283,22 +325,28 @@ def _describe(layer: LoraLayer, x, args, kwargs) -> Optional[LayerCall]:
         if common.plain_linear_reason(base) is not None:
             return None
         weight, bias = base.weight, base.bias
-    # PEFT's 4-bit layer casts each LoRA term to the result's dtype unless (CUDA) autocast is on
-    convert = qlora and not torch.is_autocast_enabled()
-    adapters = []
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            adapter = _adapter(layer, name, convert)
-            if adapter is None:
-                return None
-            adapters.append(adapter)
+    adapter_ids = None
+    if names is not None:
+        mixed = _mixed_batch(layer, x, names)
+        if mixed is None:
+            return None
+        adapters, adapter_ids = mixed
+    else:
+        adapters = [_adapter(layer, name) for name in layer.active_adapters if name in layer.lora_A]
+        if any(a is None for a in adapters):
+            return None
     out_dtype = None
     if qlora:  # bitsandbytes returns x's dtype; PEFT's addition may promote it
+        # PEFT's 4-bit layer casts each LoRA term to the result's dtype unless (CUDA) autocast is on;
+        # its mixed batch adds the terms in place, into x's dtype
+        convert = adapter_ids is not None or not torch.is_autocast_enabled()
         autocast = common.autocast_dtype(x)
         lora_dtype = autocast or (adapters[0].lora_A.dtype if adapters else x.dtype)
         out_dtype = x.dtype if convert else torch.promote_types(x.dtype, lora_dtype)
     cast_ok = getattr(layer, "cast_input_dtype_enabled", True)
-    return LayerCall(x, weight, bias, adapters, cast_x=qlora, adapter_cast_ok=cast_ok, out_dtype=out_dtype)
+    return LayerCall(
+        x, weight, bias, adapters, cast_x=qlora, adapter_cast_ok=cast_ok, out_dtype=out_dtype, adapter_ids=adapter_ids
+    )
 
 
 def _device_weight(layer: LoraLayer) -> Optional[torch.Tensor]:
@@ -313,6 +361,12 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-FRAMEWORK = register(Framework("peft", _is_layer, _static_reason, _conditions, _describe, _device_weight))
+def _several_adapters(module: LoraLayer) -> bool:
+    return len(module.lora_A) > 1
+
+
+FRAMEWORK = register(
+    Framework("peft", _is_layer, _static_reason, _conditions, _describe, _device_weight, _several_adapters)
+)
 
 plan, apply, patch, unpatch = FRAMEWORK.plan, FRAMEWORK.apply, FRAMEWORK.patch, FRAMEWORK.unpatch

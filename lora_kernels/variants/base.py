@@ -22,6 +22,10 @@ class Variant:
         plain PyTorch autograd maths, the reference the parity tests hold `apply` to.
     init_extra(weight, lora_A, lora_B, scaling) -> {name: tensor}
         the variant's own parameters (`extra_params`) initialised as PEFT does, for tests and modules.
+    form: "single" — one adapter, the signature above; "stacked" — several adapters summed
+        (lora_A/lora_B/scaling/dropout_p per adapter, `variants/stacked.py`); "per_row" — a mixed
+        batch (per-adapter weights and an `adapter_ids` argument, `variants/per_row.py`). The
+        multi-adapter forms are backend entry points (`backends.registry.BACKEND_VARIANTS`).
     """
 
     name: str
@@ -29,6 +33,7 @@ class Variant:
     oracle: Callable
     extra_params: Tuple[str, ...] = ()
     init_extra: Callable = lambda weight, lora_A, lora_B, scaling: {}
+    form: str = "single"
 
 
 def register_variant(variant: Variant) -> Variant:

@@ -84,8 +84,8 @@ FULL = [
 # Each entry: nodeid prefix -> why (with the measurement).
 KNOWN_ROUNDING = {
     "tests/test_custom_models.py::TestMixedAdapterBatches::test_mixed_adapter_batches_partly_overlapping_target_layers": (
-        "compares the per-adapter output (fused) with the mixed-batch output (adapter_names: PEFT's own "
-        "forward) by torch.allclose(rtol=1e-5, atol=1e-8) on log-softmax outputs, whose near-zero entries "
+        "compares the per-adapter output (fused) with the mixed-batch output (adapter_names: the fused per-row "
+        "call) by torch.allclose(rtol=1e-5, atol=1e-8) on log-softmax outputs, whose near-zero entries "
         "leave no tolerance: the two differ by 2-3 fp32 ulps (max 7.6e-6 on values up to 25), which fails for "
         "3 of 200 random initialisations (seeds 4, 31, 183); the outcome depends on the RNG state earlier tests leave"
     ),

@@ -6,7 +6,10 @@ TRITON_INTERPRET=1). Implements the backend contract of `lora_kernels.contract`;
 Kernels by direction live in `fwd.py` / `bwd.py`, the dropout generator in `dropout.py`,
 autotune configs, shared-memory models and the schedule/determinism switches in `configs.py`,
 4-bit (NF4/FP4) base weights, dequantized tile by tile inside the GEMM main loops, in `nf4.py`,
-the static report (compile for sm80/86/90 without a GPU) in `compile_check.py`:
+several adapters summed in one call (`forward_stacked` / `backward_stacked`, the "stacked"
+variant) in `stacked.py`, a mixed batch by per-row adapter ids (`forward_per_row` /
+`backward_per_row`, the "per_row" variant) in `per_row.py`, the static report (compile for sm80/86/90 without a GPU) in
+`compile_check.py`:
   LORA_KERNELS_TRITON_SCHEDULE=auto|F1|F2   forward schedule (default auto: F1 only without
                                             dropout, small M and r <= 64)
   LORA_KERNELS_TRITON_DETERMINISTIC=1|0     backward with pinned configs and ordered partial sums
@@ -23,9 +26,10 @@ from typing import Optional
 import torch
 
 from lora_kernels.backends.registry import Backend, register
-from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights
+from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights, PerRowSpec, StackedSpec
 
-__all__ = ["forward", "backward", "BACKEND"]
+__all__ = ["forward", "backward", "forward_stacked", "backward_stacked", "forward_per_row", "backward_per_row",
+           "BACKEND"]
 
 # The kernels accumulate in fp32 and use tensor-core dots: fp64 is left to the others.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,6 +52,9 @@ BACKEND = register(
         device_types=("cuda", "cpu"),
         dtypes=TRITON_DTYPES,
         base_formats=("dense", "nf4", "fp4"),  # W₀ is read (and 4-bit dequantized) inside the GEMM main loop
+        # stacked: several adapters summed, fused (stacked.py); per_row: a mixed batch, the expand
+        # fused into the base GEMM (per_row.py)
+        variants=("lora", "stacked", "per_row"),
         availability=_availability,
     )
 )
@@ -82,3 +89,43 @@ def backward(dy, x2d, weights: LoRAWeights, xa, spec: LoRASpec, seed, compute_dx
 
     return LoRAGrads(*lora_backward(dy, x2d, _kernel_weight(weights, x2d.device), weights.lora_A, weights.lora_B, xa, spec.scaling,
                                     spec.dropout_p, seed, compute_dx, deterministic=deterministic))
+
+
+def forward_per_row(x2d, weights: LoRAWeights, spec: PerRowSpec):
+    """Mixed batch: x2d (M, K) any strides, weights.lora_A (T, r, K), lora_B (T, N, r) ->
+    (y (M, N), xa (M, r)) with per-row adapter ids `spec.groups.ids` (-1: base only, xa row 0).
+    Two launches (shrink, then the base GEMM with the expand in its epilogue), no host sync."""
+    from lora_kernels.backends.triton.per_row import per_row_forward
+
+    scalings = torch.tensor(spec.scalings, dtype=torch.float32, device=x2d.device)  # read per row by the epilogue
+    return per_row_forward(x2d, _kernel_weight(weights, x2d.device), weights.bias, weights.lora_A, weights.lora_B,
+                           scalings, spec.groups)
+
+
+def backward_per_row(dy, x2d, weights: LoRAWeights, xa, spec: PerRowSpec, compute_dx) -> LoRAGrads:
+    """Mixed batch: dy (M, N) -> LoRAGrads(dx (M, K) or None, dA (T, r, K), dB (T, N, r));
+    composed per adapter group (see `per_row.per_row_backward`)."""
+    from lora_kernels.backends.triton.per_row import per_row_backward
+
+    return LoRAGrads(*per_row_backward(dy, x2d, weights.base, weights.lora_A, weights.lora_B, xa, spec.scalings,
+                                       spec.groups, compute_dx))
+
+
+def forward_stacked(x2d, weights: LoRAWeights, spec: StackedSpec, seeds):
+    """Several adapters summed (`contract.StackedSpec`): x2d (M, K) any strides, weights.lora_A
+    (R, K) / lora_B (N, R) concatenated along the rank, seeds int64 (T,) or None ->
+    (y (M, N), xa (M, R)) in x's dtype (stacked.py)."""
+    from lora_kernels.backends.triton.stacked import stacked_forward
+
+    return stacked_forward(x2d, _kernel_weight(weights, x2d.device), weights.bias, weights.lora_A, weights.lora_B,
+                           spec, seeds)
+
+
+def backward_stacked(dy, x2d, weights: LoRAWeights, xa, spec: StackedSpec, seeds, compute_dx, *,
+                     deterministic=None) -> LoRAGrads:
+    """dy (M, N) contiguous, xa (M, R) from `forward_stacked` -> LoRAGrads(dx (M, K) or None,
+    dA (R, K), dB (N, R)); `deterministic` as in `backward`."""
+    from lora_kernels.backends.triton.stacked import stacked_backward
+
+    return LoRAGrads(*stacked_backward(dy, x2d, _kernel_weight(weights, x2d.device), weights.lora_A, weights.lora_B,
+                                       xa, spec, seeds, compute_dx, deterministic=deterministic))

@@ -66,6 +66,11 @@ def compile_kernel(kernel, constexprs: dict, config, arch: int, dtype: str = "bf
     """Compile one kernel (JITFunction or Autotuner) with `constexprs` and `config` for sm`arch`."""
     fn = _fn(kernel)
     consts = dict(constexprs, **config.kwargs)
+    # Parameters left out take their defaults, as in a launch that omits them: constexprs their
+    # value, None-default pointers (the dX kernel's several-adapter tables) a constexpr None.
+    for param in fn.params:
+        if param.name not in consts and param.has_default and (param.is_constexpr or param.default is None):
+            consts[param.name] = param.default
     consts.update({name: 1 for name in fn.arg_names if name in _UNIT_STRIDES})
     signature = {}
     for name in fn.arg_names:

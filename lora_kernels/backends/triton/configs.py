@@ -287,6 +287,11 @@ def smem_da(bm, bk, stages, elem, r_pad):
 MASKED_ACC_PER_THREAD = 64
 # The dX epilogue with K % 8 != 0 (a spill group per row) or R_PAD >= 64 (a wider g·A dot): sm80
 # spills 16 (aligned, R_PAD 64) to 1156 bytes at 128x64 on 4 warps, sm90 424 at 128x128 on 8.
+# The several-adapter epilogue (NUM_SEGMENTS > 0: loops over the segments) spills above 32 with or
+# without dropout (sm80 bf16, R_PAD 16: 172 bytes at 128x64 on 4 warps with dropout, 16-20 at
+# 128x128 on 4 without), and at 32 when the mask is also tight (K % 8 != 0: sm80 196 bytes at
+# 128x64 on 8 warps; R_PAD 64: sm80 8-32): then only the small-tile fallback is left.
+SEGMENTS_TIGHT_ACC_PER_THREAD = 16
 DX_TIGHT_MASKED_ACC_PER_THREAD = 32
 # F1 without dropout still holds the xa accumulator next to the GEMM's: sm86 spills 32 bytes at
 # 128x128 on 4 warps (128 accumulators a thread).
@@ -399,6 +404,8 @@ def prune_dx(configs, named_args, **kwargs):
 
     tight = not kwargs.get("K_ALIGNED", True) or kwargs.get("R_PAD", 16) >= 64
     mask_acc = (DX_TIGHT_MASKED_ACC_PER_THREAD if tight else MASKED_ACC_PER_THREAD) if mask else 0
+    if kwargs.get("NUM_SEGMENTS", 0) > 0:
+        mask_acc = SEGMENTS_TIGHT_ACC_PER_THREAD if mask and tight else DX_TIGHT_MASKED_ACC_PER_THREAD
     return _prune_gemm(configs, named_args, kwargs, "BLOCK_K", "BLOCK_N", mask_acc, smem, "dX GEMM",
                        compute_arg="dy_ptr")
 

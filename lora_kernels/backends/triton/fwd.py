@@ -245,51 +245,70 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, sc
     (y (M, N), xa (M, r)), both in x's dtype. Dropout is on iff `seed` (int64, shape (1,)) is given.
     `schedule`: "auto" | "F1" | "F2" (None: env LORA_KERNELS_TRITON_SCHEDULE, default "auto")."""
     check_dtype(x2d)
-    m, k = x2d.shape
+    m = x2d.shape[0]
     n, r = weight.shape[0], lora_A.shape[0]
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     xa = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return y, xa
-    has_dropout = seed is not None
-    threshold, inv_keep = dropout_params(dropout_p) if has_dropout else (0, 1.0)
-    fuse_xa = configs.resolve_schedule(schedule, m, r_pad(r), has_dropout) == "F1"
-    common = dict(
-        HAS_DROPOUT=has_dropout, K_ALIGNED=k % 8 == 0, R_PAD=r_pad(r), DOT_PRECISION=configs.dot_precision(x2d.dtype)
-    )
+    fuse_xa = configs.resolve_schedule(schedule, m, r_pad(r), seed is not None) == "F1"
     with _device_of(x2d):
         if not fuse_xa:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-            _lora_fwd_xa_kernel[grid](
-                x2d, x2d.stride(0), x2d.stride(1),
-                lora_A, lora_A.stride(0), lora_A.stride(1),
-                xa, xa.stride(0), xa.stride(1),
-                seed,
-                m, k, r, inv_keep, threshold, configs.m_bucket(m),
-                **common,
-            )
-        w_args, w_flags = weight_args(weight)
-        plan = None if fuse_xa else configs.splitk_plan(
-            m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs.device_smem_limit(x2d.device),
-            w_format=w_flags["W_FORMAT"])
-        args = (
-            x2d, x2d.stride(0), x2d.stride(1),
-            *w_args,
-            bias,
-            lora_A, lora_A.stride(0), lora_A.stride(1),
-            lora_B, lora_B.stride(0), lora_B.stride(1),
-            xa, xa.stride(0), xa.stride(1),
-            y, y.stride(0), y.stride(1),
-            seed,
-        )
-        scalars = (m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m))
-        flags = dict(HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **common, **w_flags)
-        if plan is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            _lora_fwd_kernel[grid](*args, None, *scalars, k, **flags)
-        else:
-            _launch_splitk(plan, args, scalars, flags, y)
+            launch_xa(x2d, lora_A, xa, dropout_p, seed)
+        launch_gemm(x2d, weight, bias, lora_A, lora_B, xa, y, scaling, dropout_p, seed, fuse_xa)
     return y, xa
+
+
+def _common_flags(x2d, r, has_dropout) -> dict:
+    return dict(HAS_DROPOUT=has_dropout, K_ALIGNED=x2d.shape[1] % 8 == 0, R_PAD=r_pad(r),
+                DOT_PRECISION=configs.dot_precision(x2d.dtype))
+
+
+def launch_xa(x2d, lora_A, xa, dropout_p, seed):
+    """The F2 pre-pass into `xa` (M, r), any strides (a column slice of a wider xa too):
+    xa = dropout(x)·lora_Aᵀ with x2d (M, K), lora_A (r, K); dropout iff `seed` is given."""
+    m, k = x2d.shape
+    r = lora_A.shape[0]
+    threshold, inv_keep = dropout_params(dropout_p) if seed is not None else (0, 1.0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _lora_fwd_xa_kernel[grid](
+        x2d, x2d.stride(0), x2d.stride(1),
+        lora_A, lora_A.stride(0), lora_A.stride(1),
+        xa, xa.stride(0), xa.stride(1),
+        seed,
+        m, k, r, inv_keep, threshold, configs.m_bucket(m),
+        **_common_flags(x2d, r, seed is not None),
+    )
+
+
+def launch_gemm(x2d, weight, bias, lora_A, lora_B, xa, y, scaling, dropout_p, seed, fuse_xa):
+    """The forward GEMM into y (M, N): y = x·Wᵀ + b + s·xa·Bᵀ, xa (M, r) read (F2) or made and
+    stored here (F1, `fuse_xa`); split-K at decode (F2)."""
+    m, k = x2d.shape
+    n, r = weight.shape[0], lora_A.shape[0]
+    has_dropout = seed is not None
+    threshold, inv_keep = dropout_params(dropout_p) if has_dropout else (0, 1.0)
+    w_args, w_flags = weight_args(weight)
+    plan = None if fuse_xa else configs.splitk_plan(
+        m, n, k, _sm_count(x2d), x2d.element_size(), r_pad(r), configs.device_smem_limit(x2d.device),
+        w_format=w_flags["W_FORMAT"])
+    args = (
+        x2d, x2d.stride(0), x2d.stride(1),
+        *w_args,
+        bias,
+        lora_A, lora_A.stride(0), lora_A.stride(1),
+        lora_B, lora_B.stride(0), lora_B.stride(1),
+        xa, xa.stride(0), xa.stride(1),
+        y, y.stride(0), y.stride(1),
+        seed,
+    )
+    scalars = (m, n, k, r, float(scaling), inv_keep, threshold, configs.m_bucket(m))
+    flags = dict(HAS_BIAS=bias is not None, FUSE_XA=fuse_xa, **_common_flags(x2d, r, has_dropout), **w_flags)
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _lora_fwd_kernel[grid](*args, None, *scalars, k, **flags)
+    else:
+        _launch_splitk(plan, args, scalars, flags, y)
 
 
 def _launch_splitk(plan, args, scalars, flags, y):
