@@ -59,6 +59,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_onednn():
+    # oneDNN's bf16 GEMM (AMX CPUs) packs W into a workspace of ~N×K bytes whose size also depends
+    # on its primitive cache: the BLAS's memory, which the base layer pays too, not the kernels'.
+    # ATen's own GEMM allocates none, so the bound measures the kernels alone on every CPU.
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    yield
+    torch._C._set_mkldnn_enabled(enabled)
+
+
 def layer(backend, variant, base_format, dtype, shape):
     """One layer: x (M, K), its trainable leaves (x, lora_A, lora_B, the variant's extra params),
     every parameter storage (excluded from saved activations), call(p, training) -> y, and the

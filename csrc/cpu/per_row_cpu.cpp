@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // A mixed batch on the CPU (docs/design.md §10): every row m of x has its own adapter ids[m]
-// (-1: base only). The rows arrive grouped by adapter (`order`, `starts`: lora_kernels.contract.
-// group_rows); each group is cut into chunks of kChunkRows rows, the chunks run in parallel, and a
-// chunk gathers its rows of x once, computes its shrink and expand with its adapter's A and B, and
-// writes its rows of y as bias + s·xa·Bᵀ. The base GEMM then adds x·W₀ᵀ onto all M rows at once
-// (BLAS beta = 1), as the single-adapter kernel does. No Python loop over adapters, no M x K copy.
+// (-1: base only). The base GEMM runs first, once for all M rows (onto the bias). The rows arrive
+// grouped by adapter (`order`, `starts`: lora_kernels.contract.group_rows); each group is cut into
+// chunks that run in parallel. A chunk whose rows are consecutive rows of x (a sequence of a
+// mixed batch) computes its shrink and expand on views of x, xa and y, with no copy; a chunk of
+// scattered rows (decode: one token per sequence) gathers its rows of x once and adds its expand
+// back with index_add_. Base-only rows cost nothing beyond the base GEMM. No Python loop over
+// adapters, no M x K copy.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace lora_kernels {
@@ -19,19 +19,42 @@ namespace {
 
 // Rows per chunk: enough for the chunk's two products to be GEMMs, not call overhead.
 constexpr int64_t kChunkRows = 128;
+// Shorter runs of consecutive rows are pooled into gathered chunks (a GEMM per run would be mostly
+// call overhead).
+constexpr int64_t kMinRunRows = 8;
 
 struct Chunk {
-  int64_t adapter;  // -1: base rows
+  int64_t adapter;  // >= 0 (base-only rows make no chunk)
   int64_t begin;    // positions in `order`
   int64_t end;
+  bool contiguous;  // rows order[begin..end) are consecutive rows of x
 };
 
-// The chunks of every group, in group order: [starts[g], starts[g + 1]) is adapter g - 1's group.
-std::vector<Chunk> make_chunks(const at::Tensor& starts) {
+// The chunks of every adapter's group: [starts[t + 1], starts[t + 2]) holds adapter t's rows in
+// increasing order (a stable sort), so a run of consecutive rows is a run of consecutive positions.
+std::vector<Chunk> make_chunks(const at::Tensor& starts, const int64_t* rows) {
   const int64_t* s = starts.const_data_ptr<int64_t>();
   std::vector<Chunk> chunks;
-  for (int64_t g = 0; g + 1 < starts.numel(); ++g) {
-    for (int64_t b = s[g]; b < s[g + 1]; b += kChunkRows) chunks.push_back({g - 1, b, std::min(s[g + 1], b + kChunkRows)});
+  for (int64_t g = 1; g + 1 < starts.numel(); ++g) {
+    const int64_t adapter = g - 1, end = s[g + 1];
+    int64_t gathered = -1;  // where the open gathered chunk begins, -1: none
+    auto close_gathered = [&](int64_t upto) {
+      if (gathered >= 0) chunks.push_back({adapter, gathered, upto, false});
+      gathered = -1;
+    };
+    for (int64_t p = s[g]; p < end;) {
+      int64_t q = p + 1;
+      while (q < end && q - p < kChunkRows && rows[q] == rows[q - 1] + 1) ++q;
+      if (q - p >= kMinRunRows) {
+        close_gathered(p);
+        chunks.push_back({adapter, p, q, true});
+      } else {
+        if (gathered < 0) gathered = p;
+        if (q - gathered >= kChunkRows) close_gathered(q);
+      }
+      p = q;
+    }
+    close_gathered(end);
   }
   return chunks;
 }
@@ -84,56 +107,36 @@ std::tuple<at::Tensor, at::Tensor> per_row_forward_cpu(const at::Tensor& x, cons
     TORCH_CHECK(rows[i] >= 0 && rows[i] < m_size, "lora_kernels: order[", i, "] = ", rows[i], " is not a row of x");
   }
 
-  at::Tensor y = at::empty({m_size, n_size}, x.options());
+  // y = bias + x·W₀ᵀ for every row (without a dense weight the caller adds the base product)
+  at::Tensor y;
+  if (weight.has_value()) {
+    y = bias.has_value() ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
+  } else {
+    y = bias.has_value() ? bias->expand({m_size, n_size}).clone(at::MemoryFormat::Contiguous)
+                         : at::zeros({m_size, n_size}, x.options());
+  }
   at::Tensor xa = at::zeros({m_size, r}, x.options());
-  const std::vector<Chunk> chunks = make_chunks(starts);
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor a_acc = lora_A.to(acc_type), b_acc = lora_B.to(acc_type);  // no copy for fp32/fp64
-  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "per_row_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    scalar_t* y_data = y.data_ptr<scalar_t>();
-    scalar_t* xa_data = xa.data_ptr<scalar_t>();
-    const acc_t* bias_data = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
-    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-      at::AutoDispatchBelowADInplaceOrView below;  // thread-local: set again in each worker
-      for (int64_t c = c0; c < c1; ++c) {
-        const Chunk& ch = chunks[c];
-        const int64_t n_rows = ch.end - ch.begin;
-        if (ch.adapter < 0) {  // base rows: y = bias (the base GEMM adds x·W₀ᵀ below)
-          for (int64_t i = 0; i < n_rows; ++i) {
-            scalar_t* out = y_data + rows[ch.begin + i] * n_size;
-            for (int64_t j = 0; j < n_size; ++j) out[j] = bias_data ? static_cast<scalar_t>(bias_data[j]) : scalar_t(0);
-          }
-          continue;
-        }
-        // This chunk's rows of x, gathered once in the accumulation type.
-        at::Tensor xs = at::empty({n_rows, k_size}, a_acc.options());
-        acc_t* xs_data = xs.data_ptr<acc_t>();
-        for (int64_t i = 0; i < n_rows; ++i) {
-          const scalar_t* src = x_data + rows[ch.begin + i] * sx0;
-          for (int64_t k = 0; k < k_size; ++k) xs_data[i * k_size + k] = static_cast<acc_t>(src[k * sx1]);
-        }
-        // xa rounded to x's dtype, as the single-adapter kernel's expand reads it
-        const at::Tensor xa_c = at::mm(xs, a_acc[ch.adapter].t()).to(x.scalar_type());
-        const at::Tensor xa_r = xa_c.to(acc_type), b_t = b_acc[ch.adapter].t();
-        // a fresh (rows, N): bias + s·xa·Bᵀ (never an expanded bias made "contiguous": that is the bias itself)
-        const at::Tensor out = bias_acc.defined() ? at::addmm(bias_acc, xa_r, b_t, 1.0, scale[ch.adapter])
-                                                  : at::mm(xa_r, b_t).mul_(scale[ch.adapter]);
-        const acc_t* out_data = out.const_data_ptr<acc_t>();
-        const scalar_t* xa_c_data = xa_c.const_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < n_rows; ++i) {
-          const int64_t row = rows[ch.begin + i];
-          scalar_t* y_row = y_data + row * n_size;
-          for (int64_t j = 0; j < n_size; ++j) y_row[j] = static_cast<scalar_t>(out_data[i * n_size + j]);
-          std::copy(xa_c_data + i * r, xa_c_data + (i + 1) * r, xa_data + row * r);
-        }
+  const std::vector<Chunk> chunks = make_chunks(starts, rows);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView below;  // thread-local: set again in each worker
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t n_rows = ch.end - ch.begin;
+      const at::Tensor a_t = lora_A[ch.adapter].t(), b_t = lora_B[ch.adapter].t();
+      const double s_t = scale[ch.adapter];
+      if (ch.contiguous) {  // views: xa rows = x rows·Aᵀ, y rows += s·xa rows·Bᵀ
+        const int64_t row0 = rows[ch.begin];
+        at::Tensor xa_rows = xa.narrow(0, row0, n_rows);
+        at::mm_out(xa_rows, x.narrow(0, row0, n_rows), a_t);
+        y.narrow(0, row0, n_rows).addmm_(xa_rows, b_t, 1.0, s_t);
+      } else {
+        const at::Tensor idx = order.narrow(0, ch.begin, n_rows);
+        const at::Tensor xa_c = at::mm(x.index_select(0, idx), a_t);
+        xa.index_copy_(0, idx, xa_c);
+        y.index_add_(0, idx, at::mm(xa_c, b_t), s_t);
       }
-    });
+    }
   });
-  if (weight.has_value()) y.addmm_(x, weight->t());
   return {y, xa};
 }
 
