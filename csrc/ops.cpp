@@ -16,6 +16,7 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def(lora_kernels::schema::kDropoutKeepBits);
   m.def(lora_kernels::schema::kDecode4bit);
   m.def(lora_kernels::schema::kPerRowForward);
+  m.def(lora_kernels::schema::kGroupRows);
 }
 
 // `import lora_kernels._C` loads this library, which registers the ops above.

@@ -37,6 +37,12 @@ constexpr const char* kPerRowForward =
     "per_row_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float[] scalings, "
     "Tensor order, Tensor starts) -> (Tensor, Tensor)";
 
+// The rows of a mixed batch grouped by adapter (lora_kernels.contract.group_rows): ids (M,) int32
+// or int64, each in [-1, count) (else a ValueError naming adapter_ids and the row) -> order (M,)
+// int64, the rows sorted by id (stable), and starts (count + 2,) int64. One counting pass, no
+// sort and no parallel region: a decode step's grouping costs microseconds. CPU only.
+constexpr const char* kGroupRows = "group_rows(Tensor ids, int count) -> (Tensor, Tensor)";
+
 // Several adapters summed in one layer (lora_kernels.contract.StackedSpec): lora_A (R, K) and
 // lora_B (N, R) are the T adapters' weights concatenated along the rank, adapter t owning the
 // ranks[t] columns after those of adapters 0..t-1 (sum(ranks) = R), with scaling scalings[t] and

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from lora_kernels import lora_linear, lora_linear_per_row, lora_linear_stacked
+from lora_kernels._extension import has_op
 from lora_kernels.backends import BACKENDS
+from lora_kernels.contract import group_rows
 from lora_kernels.dropout import dropout_keep_mask
 from lora_kernels.reference import lora_linear_per_row_eager, lora_linear_stacked_eager
 from helpers import (
@@ -365,6 +367,40 @@ def test_compiled_per_row_op_bounds_its_indices(change, pattern):
     args.update(change)
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.lora_kernels.per_row_forward(x, weight, None, A, B, args["scalings"], args["order"], args["starts"])
+
+
+def _sorted_groups(ids, count):
+    """The GPU path's grouping (a stable sort and a search), the oracle of the CPU counting sort."""
+    sorted_ids, order = torch.sort(ids.reshape(-1).to(torch.int64), stable=True)
+    return order, torch.searchsorted(sorted_ids, torch.arange(-1, count + 1))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize(
+    "ids,count",
+    [
+        (torch.tensor([2, -1, 0, 2, 1, -1, 0, 0]), 3),
+        (torch.randint(-1, 32, (64,), dtype=torch.int32), 32),  # decode: many adapters, int32 ids
+        (torch.full((5,), -1), 4),  # base rows only, adapters without rows
+        (torch.zeros(0, dtype=torch.int64), 2),
+        (torch.arange(6).reshape(2, 3) % 3, 3),
+    ],
+    ids=["small", "decode-int32", "base-only", "empty", "2-D"],
+)
+def test_cpu_group_rows_is_the_stable_sort(ids, count):
+    groups = group_rows(ids, count)
+    order, starts = _sorted_groups(ids, count)
+    assert torch.equal(groups.order, order) and torch.equal(groups.starts, starts)
+    assert torch.equal(groups.ids, ids.reshape(-1).to(torch.int64))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_cpu_group_rows_checks_the_ids(compiled, monkeypatch):
+    if compiled and not has_op("group_rows", "cpu"):
+        pytest.skip("lora_kernels._C is not built")
+    monkeypatch.setattr("lora_kernels.contract.has_op", lambda name, device_type: compiled)
+    with pytest.raises(ValueError, match=re.escape("adapter_ids must be in [-1, 2)") + r".*adapter_ids\[3\] = 5"):
+        group_rows(torch.tensor([0, 1, -1, 5, 7]), 2)
 
 
 @pytest.mark.parametrize("rows", [1, 33])

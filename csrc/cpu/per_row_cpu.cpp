@@ -140,9 +140,35 @@ std::tuple<at::Tensor, at::Tensor> per_row_forward_cpu(const at::Tensor& x, cons
   return {y, xa};
 }
 
+// A counting sort of the ids: stable, O(M + count), on the calling thread.
+std::tuple<at::Tensor, at::Tensor> group_rows_cpu(const at::Tensor& ids, int64_t count) {
+  TORCH_CHECK_VALUE(count >= 0, "group_rows: count must be >= 0, got ", count);
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "adapter_ids must be an int32 or int64 tensor, got ", ids.scalar_type());
+  const at::Tensor flat = ids.reshape(-1).to(at::kLong).contiguous();  // no copy for contiguous int64
+  const int64_t m_size = flat.numel();
+  const int64_t* id = flat.const_data_ptr<int64_t>();
+  at::Tensor starts = at::zeros({count + 2}, flat.options());
+  int64_t* st = starts.data_ptr<int64_t>();
+  for (int64_t m = 0; m < m_size; ++m) {
+    TORCH_CHECK_VALUE(id[m] >= -1 && id[m] < count, "adapter_ids must be in [-1, ", count, ") (-1: base only; ",
+                      count, " adapters), got adapter_ids[", m, "] = ", id[m]);
+    ++st[id[m] + 2];  // st[g + 1] ends as the end of group g (base rows: g = 0)
+  }
+  for (int64_t g = 2; g < count + 2; ++g) st[g] += st[g - 1];
+  at::Tensor order = at::empty({m_size}, flat.options());
+  int64_t* out = order.data_ptr<int64_t>();
+  std::vector<int64_t> next(st, st + count + 1);  // the next free position of each group
+  for (int64_t m = 0; m < m_size; ++m) out[next[id[m] + 1]++] = m;
+  return {order, starts};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("per_row_forward", &per_row_forward_cpu); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("per_row_forward", &per_row_forward_cpu);
+  m.impl("group_rows", &group_rows_cpu);
+}
 
 }  // namespace cpu
 }  // namespace lora_kernels

@@ -50,3 +50,8 @@ def _decode_4bit_fake(packed, absmax, code, first, row_stride, blocksize, out):
 @torch.library.register_fake("lora_kernels::per_row_forward")
 def _per_row_forward_fake(x, weight, bias, lora_A, lora_B, scalings, order, starts):
     return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], lora_A.shape[1])
+
+
+@torch.library.register_fake("lora_kernels::group_rows")
+def _group_rows_fake(ids, count):
+    return ids.new_empty(ids.numel(), dtype=torch.int64), ids.new_empty(count + 2, dtype=torch.int64)
