@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // A mixed batch on the CPU (docs/design.md §10): every row m of x has its own adapter ids[m]
-// (-1: base only). The base GEMM runs first, once for all M rows (onto the bias). The rows arrive
-// grouped by adapter (`order`, `starts`: lora_kernels.contract.group_rows); each group is cut into
-// chunks that run in parallel. A chunk whose rows are consecutive rows of x (a sequence of a
-// mixed batch) computes its shrink and expand on views of x, xa and y, with no copy; a chunk of
-// scattered rows (decode: one token per sequence) gathers its rows of x once and adds its expand
-// back with index_add_. Base-only rows cost nothing beyond the base GEMM. No Python loop over
-// adapters, no M x K copy.
+// (-1: base only). The rows arrive grouped by adapter (`order`, `starts`: group_rows below);
+// each group is cut into chunks that run in parallel, and each chunk writes its rows of y once:
+// bias + s·xa·Bᵀ (the bias alone on base rows). A chunk whose rows are consecutive rows of x (a
+// sequence of a mixed batch) works on views of x, xa and y, with no copy; a chunk of scattered
+// rows (decode: one token per sequence) gathers its rows of x once and scatters its rows of y
+// back. The base GEMM then adds x·W₀ᵀ onto all M rows at once (BLAS beta = 1), as the
+// single-adapter kernel does. No Python loop over adapters, no M x K copy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,18 +24,19 @@ constexpr int64_t kChunkRows = 128;
 constexpr int64_t kMinRunRows = 8;
 
 struct Chunk {
-  int64_t adapter;  // >= 0 (base-only rows make no chunk)
+  int64_t adapter;  // -1: base-only rows
   int64_t begin;    // positions in `order`
   int64_t end;
   bool contiguous;  // rows order[begin..end) are consecutive rows of x
 };
 
-// The chunks of every adapter's group: [starts[t + 1], starts[t + 2]) holds adapter t's rows in
-// increasing order (a stable sort), so a run of consecutive rows is a run of consecutive positions.
+// The chunks of every group: [starts[g], starts[g + 1]) holds the rows of adapter g - 1 (g = 0:
+// base-only rows) in increasing order (a stable sort), so a run of consecutive rows is a run of
+// consecutive positions.
 std::vector<Chunk> make_chunks(const at::Tensor& starts, const int64_t* rows) {
   const int64_t* s = starts.const_data_ptr<int64_t>();
   std::vector<Chunk> chunks;
-  for (int64_t g = 1; g + 1 < starts.numel(); ++g) {
+  for (int64_t g = 0; g + 1 < starts.numel(); ++g) {
     const int64_t adapter = g - 1, end = s[g + 1];
     int64_t gathered = -1;  // where the open gathered chunk begins, -1: none
     auto close_gathered = [&](int64_t upto) {
@@ -107,14 +108,10 @@ std::tuple<at::Tensor, at::Tensor> per_row_forward_cpu(const at::Tensor& x, cons
     TORCH_CHECK(rows[i] >= 0 && rows[i] < m_size, "lora_kernels: order[", i, "] = ", rows[i], " is not a row of x");
   }
 
-  // y = bias + x·W₀ᵀ for every row (without a dense weight the caller adds the base product)
-  at::Tensor y;
-  if (weight.has_value()) {
-    y = bias.has_value() ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
-  } else {
-    y = bias.has_value() ? bias->expand({m_size, n_size}).clone(at::MemoryFormat::Contiguous)
-                         : at::zeros({m_size, n_size}, x.options());
-  }
+  // Every row of y is written once by its chunk: bias + s·xa·Bᵀ (bias alone on base rows); the
+  // base GEMM then adds x·W₀ᵀ onto all M rows with beta = 1, reading the LoRA term as its C tile
+  // instead of a second pass over y (without a dense weight the caller adds the base product).
+  at::Tensor y = at::empty({m_size, n_size}, x.options());
   at::Tensor xa = at::zeros({m_size, r}, x.options());
   const std::vector<Chunk> chunks = make_chunks(starts, rows);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
@@ -122,21 +119,34 @@ std::tuple<at::Tensor, at::Tensor> per_row_forward_cpu(const at::Tensor& x, cons
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const int64_t n_rows = ch.end - ch.begin;
-      const at::Tensor a_t = lora_A[ch.adapter].t(), b_t = lora_B[ch.adapter].t();
-      const double s_t = scale[ch.adapter];
-      if (ch.contiguous) {  // views: xa rows = x rows·Aᵀ, y rows += s·xa rows·Bᵀ
-        const int64_t row0 = rows[ch.begin];
-        at::Tensor xa_rows = xa.narrow(0, row0, n_rows);
-        at::mm_out(xa_rows, x.narrow(0, row0, n_rows), a_t);
-        y.narrow(0, row0, n_rows).addmm_(xa_rows, b_t, 1.0, s_t);
+      const at::Tensor idx = order.narrow(0, ch.begin, n_rows);
+      at::Tensor y_rows = ch.contiguous ? y.narrow(0, rows[ch.begin], n_rows) : at::empty({n_rows, n_size}, y.options());
+      if (ch.adapter < 0) {
+        if (bias.has_value()) {
+          y_rows.copy_(*bias);  // broadcast over the rows
+        } else {
+          y_rows.zero_();
+        }
       } else {
-        const at::Tensor idx = order.narrow(0, ch.begin, n_rows);
-        const at::Tensor xa_c = at::mm(x.index_select(0, idx), a_t);
-        xa.index_copy_(0, idx, xa_c);
-        y.index_add_(0, idx, at::mm(xa_c, b_t), s_t);
+        const at::Tensor a_t = lora_A[ch.adapter].t(), b_t = lora_B[ch.adapter].t();
+        const double s_t = scale[ch.adapter];
+        at::Tensor xa_rows = ch.contiguous ? xa.narrow(0, rows[ch.begin], n_rows) : at::Tensor();
+        if (ch.contiguous) {
+          at::mm_out(xa_rows, x.narrow(0, rows[ch.begin], n_rows), a_t);
+        } else {
+          xa_rows = at::mm(x.index_select(0, idx), a_t);
+          xa.index_copy_(0, idx, xa_rows);
+        }
+        if (bias.has_value()) {
+          at::addmm_out(y_rows, *bias, xa_rows, b_t, 1.0, s_t);
+        } else {
+          at::addmm_out(y_rows, y_rows, xa_rows, b_t, 0.0, s_t);  // beta = 0: y_rows' contents ignored
+        }
       }
+      if (!ch.contiguous) y.index_copy_(0, idx, y_rows);
     }
   });
+  if (weight.has_value()) y.addmm_(x, weight->t());
   return {y, xa};
 }
 
