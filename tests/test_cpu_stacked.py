@@ -261,6 +261,27 @@ def test_nan_in_a_dropped_element_propagates():
     assert not y[row + 1].isnan().any()
 
 
+@pytest.mark.parametrize("k", [64, 60], ids=["mask-in-epilogue", "unaligned-rows"])
+def test_nan_in_a_dropped_grad_x_element_propagates(k):
+    # Backward's dX term s·D⊙(g·A) multiplies by the mask (Inf · 0 = NaN, as torch's dropout
+    # backward), whether the mask is applied in the product's epilogue (K % 8 == 0: every row
+    # starts a keep byte) or in a pass of its own.
+    spec = make_spec((4, 16, 7), (0.0, 0.5, 0.0))
+    seeds = make_seeds(spec)
+    x, _, _, A, B, dy = make_stacked(37, k, 45, spec.ranks, torch.float32)
+    col = 5
+    A[4, col] = float("inf")  # adapter 1's first rank: its g·A is ±Inf in column col
+    _, xa = OPS.fused_forward_stacked(x, None, None, A, B, list(spec.ranks), list(spec.scalings),
+                                      list(spec.dropout_ps), seeds)
+    grad_x, _, _ = OPS.fused_backward_stacked(dy, x, None, A, B, xa, list(spec.ranks), list(spec.scalings),
+                                              list(spec.dropout_ps), seeds, True)
+    dropped = ~dropout_keep_mask(SEEDS[1], 37, k, 0.5)[:, col]
+    assert dropped.any() and (~dropped).any()
+    assert torch.equal(grad_x[:, col].isnan(), dropped)  # Inf · 0 where dropped, ±Inf where kept
+    assert grad_x[~dropped, col].isinf().all()
+    assert torch.isfinite(grad_x[:, col + 1]).all()
+
+
 def test_opcheck():
     spec = make_spec((4, 16, 7), (0.1, 0.0, 0.5))
     seeds = make_seeds(spec)

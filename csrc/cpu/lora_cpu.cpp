@@ -425,6 +425,14 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
           }
           continue;
         }
+        const uint8_t* keep = sc.bytes.data();  // this block's keep bits of adapter t (dropout_rows above)
+        if (thin && k_size % kLanesPerCall == 0) {  // every row starts a keep byte: the mask in the epilogue
+          const float mult = static_cast<float>(ad.scaling) * static_cast<float>(ad.dropout.scale);
+          thin_matmul_masked(rows, ad.rank, k_size, g_cols.const_data_ptr<float>(), r_total,
+                             a_rows.const_data_ptr<float>(), a_rows.stride(0), keep, dropouts[t].bytes_per_row(), mult,
+                             sum.data_ptr<float>(), sum.stride(0), accumulate);
+          continue;
+        }
         sc.term.resize(kRowBlock * k_size);  // g·A in acc_t, then scaled and masked into the sum
         at::Tensor term = at::from_blob(sc.term.data(), {rows, k_size}, acc_opts);
         if (thin) {
@@ -436,7 +444,7 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
         }
         acc_t* sum_data = sum.data_ptr<acc_t>();
         for (int64_t i = 0; i < rows; ++i) {
-          dropouts[t].apply(begin + i, sc.bytes.data() + i * dropouts[t].bytes_per_row(),
+          dropouts[t].apply(begin + i, keep + i * dropouts[t].bytes_per_row(),
                             sc.term.data() + i * k_size, 1, static_cast<acc_t>(ad.scaling), sum_data + i * k_size,
                             accumulate);
         }

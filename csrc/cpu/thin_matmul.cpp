@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -70,12 +71,21 @@ __attribute__((target("avx512f"))) inline void broadcast_fma(__m512 (&acc)[R][V]
   }
 }
 
+// The epilogue's keep bits (thin_matmul_masked): row i's bit for column c at keep[i * ld][c / 8],
+// bit c % 8; none (nullptr) for the plain product.
+struct KeepBits {
+  const uint8_t* bits;
+  int64_t ld;
+};
+
 // out[R rows, V vectors] = bias + alpha · u[R rows, :inner] · v[:inner, V vectors] (+ out's old
-// value with kAccumulate): each element of u broadcast against a row of v.
-template <int R, int V, bool kAccumulate>
+// value with kAccumulate): each element of u broadcast against a row of v. With kMasked the
+// epilogue is masked_scale's instead: (u·v) · (keep bit ? alpha : 0), plus out's old value with
+// kAccumulate (bias unused), the same operations in the same order.
+template <int R, int V, bool kAccumulate, bool kMasked = false>
 __attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* u, int64_t ldu, const float* v,
                                                    int64_t ldv, float alpha, const float* bias, __mmask16 last,
-                                                   float* out, int64_t ldo) {
+                                                   float* out, int64_t ldo, KeepBits keep = {nullptr, 0}) {
   __m512 acc[R][V];
   zero_tile(acc);
   for (int64_t j = 0; j < inner; ++j) {
@@ -85,6 +95,19 @@ __attribute__((target("avx512f"))) void matmul_tile(int64_t inner, const float* 
     broadcast_fma(acc, u + j, ldu, vv);
   }
   const __m512 scale = _mm512_set1_ps(alpha);
+  if constexpr (kMasked) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int c = 0; c < V; ++c) {
+        uint16_t bits;  // columns 16c .. 16c + 15 of this tile: two whole bytes (the tile starts a byte)
+        std::memcpy(&bits, keep.bits + i * keep.ld + 2 * c, sizeof(bits));
+        __m512 term = _mm512_mul_ps(acc[i][c], _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), scale));
+        if (kAccumulate) term = _mm512_add_ps(load_vec<V>(out + i * ldo, c, last), term);
+        store_vec<V>(out + i * ldo, c, last, term);
+      }
+    return;
+  }
   __m512 bv[V];
 #pragma GCC unroll 8
   for (int c = 0; c < V; ++c) bv[c] = bias != nullptr ? load_vec<V>(bias, c, last) : _mm512_setzero_ps();
@@ -104,17 +127,21 @@ constexpr int matmul_tile_rows() {
   return V <= 2 ? 8 : 6;
 }
 
-template <int V, bool kAccumulate>
+template <int V, bool kAccumulate, bool kMasked = false>
 __attribute__((target("avx512f"))) void matmul_cols(int64_t rows, int64_t inner, const float* u, int64_t ldu,
                                                    const float* v, int64_t ldv, float alpha, const float* bias,
-                                                   __mmask16 last, float* out, int64_t ldo) {
+                                                   __mmask16 last, float* out, int64_t ldo,
+                                                   KeepBits keep = {nullptr, 0}) {
   constexpr int R = matmul_tile_rows<V>();
   int64_t i = 0;
+  auto rows_keep = [&](int64_t row) { return KeepBits{kMasked ? keep.bits + row * keep.ld : nullptr, keep.ld}; };
   for (; i + R <= rows; i += R) {
-    matmul_tile<R, V, kAccumulate>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+    matmul_tile<R, V, kAccumulate, kMasked>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo,
+                                            rows_keep(i));
   }
   for (; i < rows; ++i) {
-    matmul_tile<1, V, kAccumulate>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo);
+    matmul_tile<1, V, kAccumulate, kMasked>(inner, u + i * ldu, ldu, v, ldv, alpha, bias, last, out + i * ldo, ldo,
+                                            rows_keep(i));
   }
 }
 
@@ -218,6 +245,21 @@ void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int6
   });
 }
 
+void thin_matmul_masked(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v,
+                        int64_t ldv, const uint8_t* keep, int64_t ld_keep, float mult, float* out, int64_t ldo,
+                        bool accumulate) {
+  TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul_masked needs AVX-512");
+  for_column_strips(cols, [&](auto vecs, int64_t col, __mmask16 last) {
+    constexpr int V = decltype(vecs)::value;
+    const KeepBits strip{keep + col / 8, ld_keep};  // a strip starts at a multiple of 64 columns
+    if (accumulate) {
+      matmul_cols<V, true, true>(rows, inner, u, ldu, v + col, ldv, mult, nullptr, last, out + col, ldo, strip);
+    } else {
+      matmul_cols<V, false, true>(rows, inner, u, ldu, v + col, ldv, mult, nullptr, last, out + col, ldo, strip);
+    }
+  });
+}
+
 void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
                               int64_t lda, float* acc, int64_t ld_acc) {
   TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul_t_accumulate needs AVX-512");
@@ -231,6 +273,10 @@ void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u
 void thin_matmul(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, const float*, float*,
                  int64_t, bool) {
   TORCH_CHECK(false, "lora_kernels: thin_matmul needs AVX-512");
+}
+void thin_matmul_masked(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, const uint8_t*,
+                        int64_t, float, float*, int64_t, bool) {
+  TORCH_CHECK(false, "lora_kernels: thin_matmul_masked needs AVX-512");
 }
 void thin_matmul_t_accumulate(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
                               int64_t) {

@@ -26,6 +26,15 @@ inline bool thin_matmul_enabled() { return cpu_has_avx512(); }
 void thin_matmul(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v, int64_t ldv,
                  float alpha, const float* bias, float* out, int64_t ldo, bool accumulate);
 
+// out (rows, cols) = (u · v) ⊙ multipliers, or out += that with `accumulate`: element (i, c) is
+// multiplied by `mult` where bit c % 8 of keep[i * ld_keep + c / 8] is set and by 0 where not (a
+// multiply: NaN/Inf propagate), the operations of masked_scale on u · v's exact products. The dX
+// term of an adapter with dropout, s·D⊙(g·A), without a (rows, cols) temporary. Each keep row
+// must hold 2·⌈cols / 16⌉ readable bytes.
+void thin_matmul_masked(int64_t rows, int64_t inner, int64_t cols, const float* u, int64_t ldu, const float* v,
+                        int64_t ldv, const uint8_t* keep, int64_t ld_keep, float mult, float* out, int64_t ldo,
+                        bool accumulate);
+
 // acc (r, n) += uᵀ (r, rows) · a (rows, n), with u (rows, r): dB and dA per row block.
 void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
                               int64_t lda, float* acc, int64_t ld_acc);
