@@ -261,6 +261,25 @@ def test_nan_in_a_dropped_element_propagates():
     assert not y[row + 1].isnan().any()
 
 
+@pytest.mark.parametrize("k", [64, 60], ids=["mask-as-loaded", "unaligned-rows"])
+def test_nan_in_a_dropped_x_element_reaches_grad_a(k):
+    # dA = gᵀ·D(x): D(x) is x multiplied by the mask (NaN · 0 = NaN), whether the mask is applied
+    # as dA's loop loads x (K % 8 == 0) or to a dropped copy of the block.
+    spec = make_spec((4, 16, 7), (0.0, 0.5, 0.0))
+    seeds = make_seeds(spec)
+    x, _, _, A, B, dy = make_stacked(37, k, 45, spec.ranks, torch.float32)
+    keep = dropout_keep_mask(SEEDS[1], 37, k, 0.5)
+    row, col = (~keep).nonzero()[0].tolist()
+    x[row, col] = float("nan")
+    _, xa = OPS.fused_forward_stacked(x, None, None, A, B, list(spec.ranks), list(spec.scalings),
+                                      list(spec.dropout_ps), seeds)
+    _, grad_a, _ = OPS.fused_backward_stacked(dy, x, None, A, B, xa, list(spec.ranks), list(spec.scalings),
+                                              list(spec.dropout_ps), seeds, False)
+    assert grad_a[4:20, col].isnan().all()  # adapter 1 drops it: NaN · 0
+    assert grad_a[:4, col].isnan().all() and grad_a[20:, col].isnan().all()  # the others keep x as is
+    assert not grad_a[:, col + 1].isnan().any()
+
+
 @pytest.mark.parametrize("k", [64, 60], ids=["mask-in-epilogue", "unaligned-rows"])
 def test_nan_in_a_dropped_grad_x_element_propagates(k):
     # Backward's dX term s·D⊙(g·A) multiplies by the mask (Inf · 0 = NaN, as torch's dropout

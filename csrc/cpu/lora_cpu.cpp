@@ -198,6 +198,15 @@ struct RowScratch {
   std::vector<uint8_t> bytes;
 };
 
+// The keep bits of rows [begin, begin + rows), in `sc` (row i at i · bytes_per_row()).
+template <typename acc_t>
+const uint8_t* keep_rows(const RowDropout<acc_t>& dropout, int64_t begin, int64_t rows, RowScratch<acc_t>& sc) {
+  const int64_t row_bytes = dropout.bytes_per_row();
+  sc.bytes.resize(kRowBlock * row_bytes);
+  for (int64_t i = 0; i < rows; ++i) dropout.row_bytes(begin + i, sc.bytes.data() + i * row_bytes);
+  return sc.bytes.data();
+}
+
 // Rows [begin, begin + rows) of dropout(x) in acc_t, (rows, K). With dropout on they are built
 // in `sc` (keep bits kept there for reuse); without, they are x's rows themselves.
 template <typename scalar_t, typename acc_t>
@@ -207,12 +216,10 @@ at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, const RowD
   if (!spec.active) return x.narrow(0, begin, rows).to(acc_type);
   const int64_t k_size = x.size(1), row_bytes = dropout.bytes_per_row();
   sc.dropped.resize(kRowBlock * k_size);
-  sc.bytes.resize(kRowBlock * row_bytes);
+  const uint8_t* keep = keep_rows(dropout, begin, rows, sc);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   for (int64_t i = 0; i < rows; ++i) {
-    uint8_t* keep = sc.bytes.data() + i * row_bytes;
-    dropout.row_bytes(begin + i, keep);
-    dropout.apply(begin + i, keep, x_data + (begin + i) * x.stride(0), x.stride(1), acc_t(1),
+    dropout.apply(begin + i, keep + i * row_bytes, x_data + (begin + i) * x.stride(0), x.stride(1), acc_t(1),
                   sc.dropped.data() + i * k_size, false);
   }
   return at::from_blob(sc.dropped.data(), {rows, k_size}, at::TensorOptions().dtype(acc_type));
@@ -384,6 +391,9 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(acc_type);
   const bool thin = use_thin<scalar_t>(x, adapters);
   const bool sum_in_grad_x = acc_type == x.scalar_type();
+  // The thin loops apply keep bits themselves when every row of x starts a keep byte (K % 8 == 0)
+  // and x's rows are contiguous: no dropped copy of a block, no masking pass over its dX term.
+  const bool masked_in_place = k_size % kLanesPerCall == 0 && x.stride(1) == 1;
   const at::Tensor a_acc = thin ? padded_fp32(lora_A) : lora_A.to(acc_type).contiguous();
   const std::vector<RowDropout<acc_t>> dropouts = row_dropouts<acc_t>(adapters, k_size);
   const std::vector<SourceGroup> groups = source_groups(adapters);
@@ -400,13 +410,20 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
       sum = at::from_blob(sc.sum.data(), {rows, k_size}, acc_opts);
     }
     for (const SourceGroup& grp : groups) {
-      const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, adapters[grp.first].dropout, dropouts[grp.first], begin,
-                                                           rows, sc);
-      if (thin) {
+      const DropoutSpec& spec = adapters[grp.first].dropout;
+      if (thin && spec.active && masked_in_place) {  // dA reads x's rows, masked as it loads them
+        const uint8_t* keep = keep_rows(dropouts[grp.first], begin, rows, sc);
+        thin_matmul_t_accumulate_masked(rows, grp.width, k_size, g_blk.const_data_ptr<float>() + grp.offset, r_total,
+                                        x.const_data_ptr<float>() + begin * x.stride(0), x.stride(0), keep,
+                                        dropouts[grp.first].bytes_per_row(), static_cast<float>(spec.scale),
+                                        partials[c][grp.offset].data_ptr<float>(), partials.stride(1));
+      } else if (thin) {
+        const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropouts[grp.first], begin, rows, sc);
         thin_matmul_t_accumulate(rows, grp.width, k_size, g_blk.const_data_ptr<float>() + grp.offset, r_total,
                                  src.const_data_ptr<float>(), src.stride(0),
                                  partials[c][grp.offset].data_ptr<float>(), partials.stride(1));
       } else {
+        const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropouts[grp.first], begin, rows, sc);
         partials[c].narrow(0, grp.offset, grp.width).addmm_(g_blk.narrow(1, grp.offset, grp.width).t(), src);
       }
       if (grad_x == nullptr) continue;
@@ -425,8 +442,8 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
           }
           continue;
         }
-        const uint8_t* keep = sc.bytes.data();  // this block's keep bits of adapter t (dropout_rows above)
-        if (thin && k_size % kLanesPerCall == 0) {  // every row starts a keep byte: the mask in the epilogue
+        const uint8_t* keep = sc.bytes.data();  // this block's keep bits of adapter t (made above)
+        if (thin && masked_in_place) {  // the mask in the product's epilogue
           const float mult = static_cast<float>(ad.scaling) * static_cast<float>(ad.dropout.scale);
           thin_matmul_masked(rows, ad.rank, k_size, g_cols.const_data_ptr<float>(), r_total,
                              a_rows.const_data_ptr<float>(), a_rows.stride(0), keep, dropouts[t].bytes_per_row(), mult,

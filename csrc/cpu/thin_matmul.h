@@ -39,5 +39,13 @@ void thin_matmul_masked(int64_t rows, int64_t inner, int64_t cols, const float* 
 void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
                               int64_t lda, float* acc, int64_t ld_acc);
 
+// The same with a = dropout(x) read from x itself: element (i, c) of a multiplied by `mult` where
+// bit c % 8 of keep[i * ld_keep + c / 8] is set, by 0 where not (masked_scale's operation), as it
+// is loaded. dA of an adapter with dropout without its dropped rows in a buffer. Each keep row
+// must hold 2·⌈n / 16⌉ readable bytes.
+void thin_matmul_t_accumulate_masked(int64_t rows, int64_t r, int64_t n, const float* u, int64_t ldu, const float* a,
+                                     int64_t lda, const uint8_t* keep, int64_t ld_keep, float mult, float* acc,
+                                     int64_t ld_acc);
+
 }  // namespace cpu
 }  // namespace lora_kernels
