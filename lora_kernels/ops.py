@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -198,9 +198,7 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: see _EagerBackward
-            return _EagerBackward.apply(grad_y, *ctx.saved_tensors, ctx)
-        return _eager_input_grads(ctx, grad_y)
+        return guarded_backward(ctx, grad_y, _eager_input_grads)
 
 
 def _eager_input_grads(ctx, grad_y) -> tuple:
@@ -215,24 +213,34 @@ def _eager_input_grads(ctx, grad_y) -> tuple:
 
 
 DOUBLE_BACKWARD_ERROR = (
-    "lora_kernels.lora_linear does not support double backward: its gradients were computed with "
-    "create_graph=True and are now being differentiated again. Use PEFT's unpatched layer "
-    "(lora_kernels.unpatch(model)) or lora_kernels.reference.lora_linear_eager for higher-order gradients."
+    "lora_kernels.lora_linear does not support double backward (nor do lora_linear_stacked and "
+    "lora_linear_per_row): its gradients were computed with create_graph=True and are now "
+    "being differentiated again. Use PEFT's unpatched layer (lora_kernels.unpatch(model)) or "
+    "lora_kernels.reference.lora_linear_eager for higher-order gradients."
 )
 
 
 class _EagerBackward(torch.autograd.Function):
-    """The eager backward as a node of its own under create_graph=True: the gradients depend on
-    grad_y and the saved x, weight, A, B, and differentiating them raises DOUBLE_BACKWARD_ERROR
-    instead of silently dropping the terms the kernels do not record."""
+    """An eager backward as a node of its own under create_graph=True: the gradients depend on
+    grad_y and the saved tensors, and differentiating them raises DOUBLE_BACKWARD_ERROR instead
+    of silently dropping the terms the kernels do not record."""
 
     @staticmethod
-    def forward(ctx, grad_y, x, weight, lora_A, lora_B, xa, seed, outer_ctx):
-        return _eager_input_grads(outer_ctx, grad_y)
+    def forward(ctx, input_grads, outer_ctx, grad_y, *saved):
+        return input_grads(outer_ctx, grad_y)
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def guarded_backward(ctx, grad_y, input_grads: Callable):
+    """The backward of an eager autograd.Function: input_grads(ctx, grad_y) -> its gradients, run
+    through `_EagerBackward` when grad mode is on (create_graph=True), so a second differentiation
+    raises instead of returning gradients without the second-order terms."""
+    if torch.is_grad_enabled():
+        return _EagerBackward.apply(input_grads, ctx, grad_y, *ctx.saved_tensors)
+    return input_grads(ctx, grad_y)
 
 
 def _double_backward(ctx, *grads):
@@ -342,14 +350,15 @@ def effective_dropout(dropout_p: float, scaling: float, training: bool) -> LoRAS
     return LoRASpec(float(scaling), p)
 
 
-def call_seed(seed: Optional[Tensor], spec: LoRASpec, x: Tensor) -> Optional[Tensor]:
-    """The seed a call runs with: None without dropout; else the caller's (checked) or a fresh one
-    from the generator of x's device."""
-    if spec.dropout_p == 0.0:
+def call_seed(seed: Optional[Tensor], specs: Union[LoRASpec, Tuple[LoRASpec, ...]], x: Tensor) -> Optional[Tensor]:
+    """The seed(s) a call runs with, one per spec (several adapters summed: a tuple of specs): None
+    when none drops; else the caller's (checked) or fresh ones from the generator of x's device."""
+    specs = specs if isinstance(specs, tuple) else (specs,)
+    if all(spec.dropout_p == 0.0 for spec in specs):
         return None
     if seed is None:
-        return draw_seed(x.device)
-    check_seed(seed, x)
+        return draw_seed(x.device, len(specs))
+    check_seed(seed, x, len(specs))
     return seed
 
 

@@ -444,3 +444,21 @@ def test_torch_compile_runs_both_forms():
         torch.testing.assert_close(y, y_eager)
         for got, want in zip(torch.autograd.grad(y.sum(), [x, *As, *Bs]), torch.autograd.grad(y_eager.sum(), [x, *As, *Bs])):
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("form", ["stacked", "per_row"])
+def test_double_backward_raises_a_clear_error(form):
+    """Differentiating the gradients again must raise, not silently drop the second-order terms
+    (a penalty on ‖dy/dx‖² would otherwise train A and B on the first-order terms alone)."""
+    x, weight, As, Bs = _small()
+    x = x.double().requires_grad_()
+    weight = weight.double()
+    As = [a.double().requires_grad_() for a in As]
+    Bs = [b.double().requires_grad_() for b in Bs]
+    if form == "stacked":
+        y = lora_linear_stacked(x, weight, None, As, Bs, 0.5, dropout_p=0.0)
+    else:
+        y = lora_linear_per_row(x, weight, None, As, Bs, 0.5, torch.tensor([0, 1, -1, 0, 1, 1]))
+    (grad_x,) = torch.autograd.grad(y.square().sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        (grad_x.square().sum() + y.sum()).backward()

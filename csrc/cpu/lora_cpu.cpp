@@ -417,14 +417,15 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
                                         x.const_data_ptr<float>() + begin * x.stride(0), x.stride(0), keep,
                                         dropouts[grp.first].bytes_per_row(), static_cast<float>(spec.scale),
                                         partials[c][grp.offset].data_ptr<float>(), partials.stride(1));
-      } else if (thin) {
-        const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropouts[grp.first], begin, rows, sc);
-        thin_matmul_t_accumulate(rows, grp.width, k_size, g_blk.const_data_ptr<float>() + grp.offset, r_total,
-                                 src.const_data_ptr<float>(), src.stride(0),
-                                 partials[c][grp.offset].data_ptr<float>(), partials.stride(1));
       } else {
         const at::Tensor src = dropout_rows<scalar_t, acc_t>(x, spec, dropouts[grp.first], begin, rows, sc);
-        partials[c].narrow(0, grp.offset, grp.width).addmm_(g_blk.narrow(1, grp.offset, grp.width).t(), src);
+        if (thin) {
+          thin_matmul_t_accumulate(rows, grp.width, k_size, g_blk.const_data_ptr<float>() + grp.offset, r_total,
+                                   src.const_data_ptr<float>(), src.stride(0),
+                                   partials[c][grp.offset].data_ptr<float>(), partials.stride(1));
+        } else {
+          partials[c].narrow(0, grp.offset, grp.width).addmm_(g_blk.narrow(1, grp.offset, grp.width).t(), src);
+        }
       }
       if (grad_x == nullptr) continue;
       for (size_t t = grp.first; t < grp.end; ++t) {
@@ -436,7 +437,7 @@ at::Tensor lora_backward_rows(const at::Tensor& x, const at::Tensor& g, const at
           if (thin) {
             thin_matmul(rows, ad.rank, k_size, g_cols.const_data_ptr<float>(), r_total,
                         a_rows.const_data_ptr<float>(), a_rows.stride(0), static_cast<float>(ad.scaling), nullptr,
-                        sum.data_ptr<float>(), k_size, accumulate);
+                        sum.data_ptr<float>(), sum.stride(0), accumulate);
           } else {
             at::addmm_out(sum, sum, g_cols, a_rows, accumulate ? 1.0 : 0.0, ad.scaling);
           }

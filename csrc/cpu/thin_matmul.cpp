@@ -152,18 +152,18 @@ __attribute__((target("avx512f"))) void matmul_cols(int64_t rows, int64_t inner,
 constexpr int kPackRows = 32;
 constexpr int64_t kPackLd = kLanes * kMaxVecs;
 
-// With keep bits (the pass that reads a from its source), each element of a is multiplied as it
-// is loaded by (keep bit ? mult : 0), masked_scale's operation: a is dropout(x) without a copy.
+// With kMasked (the pass that reads a from its source), each element of a is multiplied as it is
+// loaded by (keep bit ? mult : 0), masked_scale's operation: a is dropout(x) without a copy.
 struct MaskedSource {
-  const uint8_t* bits;  // nullptr: a as it is
+  const uint8_t* bits;  // unused without kMasked
   int64_t ld;
   float mult;
 };
 
-template <int J, int V, bool kPack>
+template <int J, int V, bool kPack, bool kMasked>
 __attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* u, int64_t ldu, const float* a,
                                                     int64_t lda, __mmask16 last, float* pack, float* acc,
-                                                    int64_t ld_acc, MaskedSource mask = {nullptr, 0, 0.0f}) {
+                                                    int64_t ld_acc, MaskedSource mask) {
   __m512 sum[J][V];
   zero_tile(sum);
   const __m512 mult = _mm512_set1_ps(mask.mult);
@@ -172,7 +172,7 @@ __attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* 
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       av[v] = load_vec<V>(a + i * lda, v, last);
-      if (mask.bits != nullptr) {
+      if constexpr (kMasked) {
         uint16_t bits;  // the strip starts a keep byte: vector v's bits are bytes 2v, 2v + 1
         std::memcpy(&bits, mask.bits + i * mask.ld + 2 * v, sizeof(bits));
         av[v] = _mm512_mul_ps(av[v], _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), mult));
@@ -191,43 +191,45 @@ __attribute__((target("avx512f"))) void t_times_tile(int64_t rows, const float* 
 }
 
 // The tile of rows [j, j + 4) of acc (fewer at the end of r).
-template <int V, bool kPack>
+template <int V, bool kPack, bool kMasked>
 __attribute__((target("avx512f"))) void t_times_tile_at(int64_t j, int64_t r, int64_t rows, const float* u,
                                                        int64_t ldu, const float* a, int64_t lda, __mmask16 last,
                                                        float* pack, float* acc, int64_t ld_acc, MaskedSource mask) {
   u += j;
   acc += j * ld_acc;
   switch (std::min<int64_t>(4, r - j)) {
-    case 4: return t_times_tile<4, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
-    case 3: return t_times_tile<3, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
-    case 2: return t_times_tile<2, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
-    default: return t_times_tile<1, V, kPack>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
+    case 4: return t_times_tile<4, V, kPack, kMasked>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
+    case 3: return t_times_tile<3, V, kPack, kMasked>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
+    case 2: return t_times_tile<2, V, kPack, kMasked>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
+    default: return t_times_tile<1, V, kPack, kMasked>(rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
   }
 }
 
 // Up to kPackRows rows: the first tile reads a (masked, with keep bits) and packs it, the others
 // read the pack.
-template <int V>
+template <int V, bool kMasked>
 __attribute__((target("avx512f"))) void t_times_rows(int64_t rows, int64_t r, const float* u, int64_t ldu,
                                                     const float* a, int64_t lda, __mmask16 last, float* acc,
                                                     int64_t ld_acc, MaskedSource mask) {
-  if (r <= 4) return t_times_tile_at<V, false>(0, r, rows, u, ldu, a, lda, last, nullptr, acc, ld_acc, mask);
+  if (r <= 4) {  // one tile
+    return t_times_tile_at<V, false, kMasked>(0, r, rows, u, ldu, a, lda, last, nullptr, acc, ld_acc, mask);
+  }
   alignas(64) float pack[kPackRows * kPackLd];
-  t_times_tile_at<V, true>(0, r, rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
-  for (int64_t j = 4; j < r; j += 4) {
-    t_times_tile_at<V, false>(j, r, rows, u, ldu, pack, kPackLd, last, nullptr, acc, ld_acc, {nullptr, 0, 0.0f});
+  t_times_tile_at<V, true, kMasked>(0, r, rows, u, ldu, a, lda, last, pack, acc, ld_acc, mask);
+  for (int64_t j = 4; j < r; j += 4) {  // the pack holds a already masked
+    t_times_tile_at<V, false, false>(j, r, rows, u, ldu, pack, kPackLd, last, nullptr, acc, ld_acc, mask);
   }
 }
 
-template <int V>
+template <int V, bool kMasked>
 __attribute__((target("avx512f"))) void t_times_cols(int64_t rows, int64_t r, const float* u, int64_t ldu,
                                                     const float* a, int64_t lda, __mmask16 last, float* acc,
                                                     int64_t ld_acc, MaskedSource mask) {
   for (int64_t i = 0; i < rows; i += kPackRows) {
     MaskedSource block = mask;
-    if (block.bits != nullptr) block.bits += i * block.ld;
-    t_times_rows<V>(std::min<int64_t>(kPackRows, rows - i), r, u + i * ldu, ldu, a + i * lda, lda, last, acc, ld_acc,
-                    block);
+    if (kMasked) block.bits += i * block.ld;
+    t_times_rows<V, kMasked>(std::min<int64_t>(kPackRows, rows - i), r, u + i * ldu, ldu, a + i * lda, lda, last, acc,
+                             ld_acc, block);
   }
 }
 
@@ -282,7 +284,8 @@ void thin_matmul_t_accumulate(int64_t rows, int64_t r, int64_t n, const float* u
                               int64_t lda, float* acc, int64_t ld_acc) {
   TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul_t_accumulate needs AVX-512");
   for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
-    t_times_cols<decltype(vecs)::value>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc, {nullptr, 0, 0.0f});
+    t_times_cols<decltype(vecs)::value, false>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc,
+                                               {nullptr, 0, 0.0f});
   });
 }
 
@@ -291,8 +294,8 @@ void thin_matmul_t_accumulate_masked(int64_t rows, int64_t r, int64_t n, const f
                                      int64_t ld_acc) {
   TORCH_CHECK(cpu_has_avx512(), "lora_kernels: thin_matmul_t_accumulate_masked needs AVX-512");
   for_column_strips(n, [&](auto vecs, int64_t col, __mmask16 last) {
-    t_times_cols<decltype(vecs)::value>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc,
-                                        {keep + col / 8, ld_keep, mult});  // a strip starts a keep byte
+    t_times_cols<decltype(vecs)::value, true>(rows, r, u, ldu, a + col, lda, last, acc + col, ld_acc,
+                                              {keep + col / 8, ld_keep, mult});  // a strip starts a keep byte
   });
 }
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from lora_kernels.backends import BACKENDS, resolve
 from lora_kernels.base_weights import BaseWeight, DenseWeight, as_base_weight
 from lora_kernels.contract import LoRAWeights, PerRowSpec, check_id_range, group_rows
-from lora_kernels.ops import _rows
+from lora_kernels.ops import _rows, guarded_backward
 from lora_kernels.reference import lora_linear_per_row_eager
 from lora_kernels.variants.adapters import (
     AdapterTensors,
@@ -56,17 +56,21 @@ class _EagerPerRow(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        call = ctx.call
-        base = DenseWeight(weight) if weight is not None else call.base
-        weights = LoRAWeights(base, None, lora_A, lora_B)
-        needs_x = ctx.needs_input_grad[0]
-        grad_x, grad_w, grad_bias, grad_a, grad_b = backward_rows(
-            grad_y, x, weight, base.shape[0], ctx.needs_input_grad[:3], lora_A, lora_B,
-            lambda dy, x2d: BACKENDS[call.backend].backward_per_row(dy, x2d, weights, xa, call.spec, needs_x))
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return guarded_backward(ctx, grad_y, _per_row_input_grads)
+
+
+def _per_row_input_grads(ctx, grad_y) -> tuple:
+    """Gradients for _EagerPerRow's inputs (x, weight, bias, lora_A, lora_B, call)."""
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    call = ctx.call
+    base = DenseWeight(weight) if weight is not None else call.base
+    weights = LoRAWeights(base, None, lora_A, lora_B)
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_w, grad_bias, grad_a, grad_b = backward_rows(
+        grad_y, x, weight, base.shape[0], ctx.needs_input_grad[:3], lora_A, lora_B,
+        lambda dy, x2d: BACKENDS[call.backend].backward_per_row(dy, x2d, weights, xa, call.spec, needs_x))
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
 def _check_ids(adapter_ids, count: int, x: Tensor) -> None:

@@ -21,8 +21,7 @@ from torch import Tensor
 from lora_kernels.backends import BACKENDS, resolve
 from lora_kernels.base_weights import BaseWeight, DenseWeight, as_base_weight
 from lora_kernels.contract import LoRAWeights, StackedSpec
-from lora_kernels.dropout import draw_seed
-from lora_kernels.ops import check_seed, effective_dropout
+from lora_kernels.ops import call_seed, effective_dropout, guarded_backward
 from lora_kernels.reference import lora_linear_stacked_eager
 from lora_kernels.variants.adapters import (
     AdapterTensors,
@@ -70,19 +69,23 @@ class _EagerStacked(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, xa, seeds, *adapters = ctx.saved_tensors
-        call = ctx.call
-        base = DenseWeight(weight) if weight is not None else call.base
-        lora_A, lora_B = _concatenated(adapters, len(adapters) // 2)
-        weights = LoRAWeights(base, None, lora_A, lora_B)
-        needs_x = ctx.needs_input_grad[0]
-        grad_x, grad_w, grad_bias, grad_a, grad_b = backward_rows(
-            grad_y, x, weight, base.shape[0], ctx.needs_input_grad[:3], lora_A, lora_B,
-            lambda dy, x2d: BACKENDS[call.backend].backward_stacked(dy, x2d, weights, xa, call.spec, seeds, needs_x))
-        ranks = list(call.spec.ranks)
-        return (grad_x, grad_w, grad_bias, None, *grad_a.split(ranks), *grad_b.split(ranks, dim=1))
+        return guarded_backward(ctx, grad_y, _stacked_input_grads)
+
+
+def _stacked_input_grads(ctx, grad_y) -> tuple:
+    """Gradients for _EagerStacked's inputs (x, weight, bias, call, *lora_As, *lora_Bs)."""
+    x, weight, xa, seeds, *adapters = ctx.saved_tensors
+    call = ctx.call
+    base = DenseWeight(weight) if weight is not None else call.base
+    lora_A, lora_B = _concatenated(adapters, len(adapters) // 2)
+    weights = LoRAWeights(base, None, lora_A, lora_B)
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_w, grad_bias, grad_a, grad_b = backward_rows(
+        grad_y, x, weight, base.shape[0], ctx.needs_input_grad[:3], lora_A, lora_B,
+        lambda dy, x2d: BACKENDS[call.backend].backward_stacked(dy, x2d, weights, xa, call.spec, seeds, needs_x))
+    ranks = list(call.spec.ranks)
+    return (grad_x, grad_w, grad_bias, None, *grad_a.split(ranks), *grad_b.split(ranks, dim=1))
 
 
 def lora_linear_stacked(
@@ -122,13 +125,7 @@ def lora_linear_stacked(
     name = resolve(backend, x.device, x.dtype, base.format, variant="stacked")
     spec = StackedSpec(tuple(effective_dropout(p, s, training) for p, s in zip(rates, scalings)),
                        tuple(a.shape[0] for a in As))
-    seeds = None
-    if any(a.dropout_p > 0.0 for a in spec.adapters):
-        if seed is None:
-            seeds = draw_seed(x.device, count)
-        else:
-            check_seed(seed, x, count)
-            seeds = seed
+    seeds = call_seed(seed, spec.adapters, x)
     bias = bias.contiguous() if bias is not None else None
     return _EagerStacked.apply(x, dense, bias, StackedCall(base, spec, seeds, name), *As, *Bs)
 
