@@ -15,7 +15,7 @@ from torch import nn
 from lora_kernels.integrations._common import AdapterStackCache
 from lora_kernels.ops import lora_linear
 from lora_kernels.variants.per_row import lora_linear_per_row
-from lora_kernels.variants.stacked import lora_linear_stacked
+from lora_kernels.variants.stacked import lora_linear_stacked, nn_dropout_rates
 
 DEFAULT_ADAPTER = "default"
 
@@ -236,9 +236,10 @@ class LoRALinear(nn.Module):
                 dropout_p=dropout, training=self.training, backend=self.backend,
             )
         adapters = [self._adapter(name) for name in self._active]
+        scalings, rates = nn_dropout_rates([a[2] for a in adapters], [a[3] for a in adapters], self.training)
         return lora_linear_stacked(
             x, self.weight, self.bias, [a[0] for a in adapters], [a[1] for a in adapters],
-            [a[2] for a in adapters], dropout_p=[a[3] for a in adapters], training=self.training, backend=self.backend,
+            scalings, dropout_p=rates, training=self.training, backend=self.backend,
         )
 
     def _per_row(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:

@@ -311,6 +311,71 @@ def test_mixed_batch_stack_is_cached_and_rebuilt_when_an_adapter_changes(fused_c
     assert _common.patch_state(layer) is None  # the cache went with the patch state
 
 
+def test_mixed_batch_unnamed_trainable_adapter_gets_no_gradient_as_in_peft(fused_calls):
+    """A frozen named adapter beside a trainable unnamed one: PEFT leaves the unnamed one's .grad
+    None (an optimizer with weight decay or momentum would otherwise move it), and so do we."""
+    ref = three_adapter_mlp()
+    for layer in layers_of(ref):
+        for name in NAMES:
+            layer.lora_dropout[name] = nn.Identity()
+            trainable = name == "default"
+            layer.lora_A[name].weight.requires_grad_(trainable)
+            layer.lora_B[name].weight.requires_grad_(trainable)
+    fused = twin(ref)
+    lora_kernels.patch(fused)
+    names = ["second", "__base__"]
+    x = torch.randn(2, 3, 32, requires_grad=True)  # the layer itself: PEFT's model refuses names in training
+    for model in (ref, fused):
+        model.base_model.model.up(x, adapter_names=names).sum().backward()
+    assert fused_calls.take() == 1
+    for model in (ref, fused):
+        layer = model.base_model.model.up
+        assert layer.lora_A["default"].weight.grad is None and layer.lora_B["default"].weight.grad is None
+
+
+def test_mixed_batch_of_no_samples_equals_peft(fused_calls):
+    ref = three_adapter_mlp()
+    ref.eval()
+    fused = twin(ref)
+    lora_kernels.patch(fused)
+    x = torch.randn(0, 3, 32)
+    with torch.no_grad():
+        y_ref, y = ref(x, adapter_names=[]), fused(x, adapter_names=[])
+    assert y.shape == y_ref.shape == (0, 3, 32)
+
+
+def test_mixed_batch_stack_follows_data_writes_after_clear_and_training_steps(fused_calls):
+    """Writes through .data leave _version alone: clear() makes the cache see them; a forward that
+    needs adapter gradients (training) drops the cache, so the next inference restacks."""
+    ref = three_adapter_mlp()
+    ref.eval()
+    fused = twin(ref)
+    lora_kernels.patch(fused)
+    x = torch.randn(len(MIXED), 32)
+    cache = _common.patch_state(fused.base_model.model.up).stacks
+    with torch.no_grad():
+        fused(x, adapter_names=MIXED)
+    for m in (ref, fused):
+        m.base_model.model.up.lora_B["third"].weight.data.mul_(3.0)
+    cache.clear()
+    with torch.no_grad():
+        assert_tensors_close(fused(x, adapter_names=MIXED), ref(x, adapter_names=MIXED), **FP32_TOL, what=".data")
+    fused(x, adapter_names=MIXED)  # grad mode, trainable adapters: not cached, and the cache dropped
+    assert cache._stacks is None
+
+
+def test_mixed_batch_on_inference_tensors_equals_peft(fused_calls):
+    """Parameters made under torch.inference_mode have no version counter: stacked per call."""
+    with torch.inference_mode():
+        ref = three_adapter_mlp()
+        ref.eval()
+        fused = twin(ref)
+        lora_kernels.patch(fused)
+        x = torch.randn(len(MIXED), 32)
+        assert_tensors_close(fused(x, adapter_names=MIXED), ref(x, adapter_names=MIXED), **FP32_TOL, what="inference")
+    assert fused_calls.take() == 2
+
+
 def test_mixed_batch_fallbacks_follow_peft(fused_calls):
     """DoRA among the names, dropout in training, a wrong number of names: PEFT's forward (which
     raises where PEFT raises); a layer lacking a named adapter serves it as base only."""

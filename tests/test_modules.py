@@ -171,6 +171,30 @@ def test_several_active_adapters_equal_the_stacked_oracle(monkeypatch, training)
         assert_close(g, e, torch.float64, name)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_several_active_adapters_with_dropout_1_follow_nn_dropout(training):
+    """dropout=1.0, as nn.Dropout allows: in training those adapters add nothing (and their A, B
+    get zero gradients), in eval they add their full term; one such adapter or several alike."""
+    from lora_kernels.reference import lora_linear_stacked_eager
+
+    torch.manual_seed(0)
+    layer = lora_kernels.LoRALinear(32, 24, r=4, alpha=8, dropout=1.0, dtype=torch.float64)
+    layer.add_adapter("b", r=2, alpha=3, dropout=1.0)
+    layer.add_adapter("c", r=3, alpha=3, dropout=0.0)
+    for name in layer.adapter_names:
+        nn.init.normal_(layer._adapter(name)[1])
+    layer.train(training).set_adapter(["default", "b", "c"])
+    x = torch.randn(5, 32, dtype=torch.float64)
+    y = layer(x)
+    As, Bs, scalings, _ = adapter_tensors(layer, ["default", "b", "c"])
+    kept = [0.0, 0.0, scalings[2]] if training else scalings
+    assert_close(y, lora_linear_stacked_eager(x, layer.weight, layer.bias, As, Bs, kept, [0.0] * 3, None),
+                 torch.float64, "y")
+    if training:
+        grad_a = torch.autograd.grad(y.sum(), As[0])[0]
+        assert torch.count_nonzero(grad_a) == 0
+
+
 def test_per_row_adapter_ids_equal_the_per_row_oracle():
     from lora_kernels.reference import lora_linear_per_row_eager
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from lora_kernels.variants.per_row import stack_adapters
+
 _STATE_ATTR = "_lora_kernels_patch"
 FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast would cast for a linear
@@ -27,9 +29,12 @@ class AdapterStackCache:
     `lora_linear_per_row` takes. What is cached: that one stack, a copy of the adapters' weights
     (T·r·(K + N) elements of `dtype`), rebuilt when an adapter tensor is replaced, changes shape or
     storage, or is changed in place (its `_version`: optimizer steps, `load_state_dict`), or the
-    dtype or set of adapters differs. A call that needs gradients of the adapters (grad mode on and
-    any of them requiring grad) is not cached: it gets the (cast) tensors as lists, which the op
-    pads itself and differentiates through. Not pickled or deep-copied (a copy rebuilds it)."""
+    dtype or set of adapters differs. Writes through `.data` (or a raw pointer) leave `_version`
+    alone and are not seen: call `clear()` after them. A call that needs gradients of the adapters
+    (grad mode on and any of them requiring grad) is not cached and drops the stack (training
+    steps follow): it gets the (cast) tensors as lists, which the op pads itself and
+    differentiates through. Inference tensors (made under torch.inference_mode) have no
+    `_version`: their stack is built per call. Not pickled or deep-copied (a copy rebuilds it)."""
 
     def __init__(self):
         self._refs: Tuple = ()
@@ -44,19 +49,16 @@ class AdapterStackCache:
     ) -> Tuple[Union[Tensor, List[Tensor]], Union[Tensor, List[Tensor]]]:
         tensors = (*lora_As, *lora_Bs)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            self.clear()
             return list(cast_all(dtype, lora_As)), list(cast_all(dtype, lora_Bs))
-        key = (dtype, tuple((t.data_ptr(), t._version, tuple(t.shape), t.device) for t in tensors))
-        if self._stacks is not None and key == self._key and all(r() is t for r, t in zip(self._refs, tensors)):
-            return self._stacks
         with torch.no_grad():
-            rank = max(a.shape[0] for a in lora_As)
-            first = lora_As[0]
-            stack_A = first.new_zeros((len(lora_As), rank, first.shape[1]), dtype=dtype)
-            stack_B = first.new_zeros((len(lora_Bs), lora_Bs[0].shape[0], rank), dtype=dtype)
-            for t, (a, b) in enumerate(zip(lora_As, lora_Bs)):
-                stack_A[t, : a.shape[0]] = a
-                stack_B[t, :, : b.shape[1]] = b
-        self._refs, self._key, self._stacks = tuple(weakref.ref(t) for t in tensors), key, (stack_A, stack_B)
+            if any(t.is_inference() for t in tensors):
+                return stack_adapters(cast_all(dtype, lora_As), 0), stack_adapters(cast_all(dtype, lora_Bs), 1)
+            key = (dtype, tuple((t.data_ptr(), t._version, tuple(t.shape), t.device) for t in tensors))
+            if self._stacks is not None and key == self._key and all(r() is t for r, t in zip(self._refs, tensors)):
+                return self._stacks
+            stacks = stack_adapters(cast_all(dtype, lora_As), 0), stack_adapters(cast_all(dtype, lora_Bs), 1)
+        self._refs, self._key, self._stacks = tuple(weakref.ref(t) for t in tensors), key, stacks
         return self._stacks
 
     def clear(self) -> None:

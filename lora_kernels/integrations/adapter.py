@@ -27,6 +27,7 @@ from lora_kernels.backends import BACKENDS, resolve
 from lora_kernels.base_weights import BaseWeight
 from lora_kernels.integrations import _common as common
 from lora_kernels.variants import VARIANTS
+from lora_kernels.variants.stacked import nn_dropout_rates
 
 # Framework.name (= the framework's package) -> the module whose `FRAMEWORK` it is (a pickled
 # patched layer finds it again by the name in its PatchState).
@@ -323,11 +324,8 @@ def run(call: LayerCall, state: common.PatchState) -> Optional[Tensor]:
     else:  # several active adapters summed, each with its own dropout mask
         a_w = list(common.cast_all(compute, [a.lora_A for a in adapters]))
         b_w = list(common.cast_all(compute, [a.lora_B for a in adapters]))
-        variant, p, extra = STACKED, [a.dropout_p for a in adapters], {}
-        # p = 1 drops everything: a zero term and zero A/B gradients, as torch's dropout(p=1)
-        # gives and `lora_linear` serves; the stacked op takes p < 1 only, so: scaling 0, p 0
-        scalings = [0.0 if q >= 1.0 else s for s, q in zip(scalings, p)]
-        p = [0.0 if q >= 1.0 else q for q in p]
+        variant, extra = STACKED, {}
+        scalings, p = nn_dropout_rates(scalings, [a.dropout_p for a in adapters], training=True)
     if variant in (STACKED, PER_ROW) and not _serves(state.backend, x, compute, weight_c, variant):
         return None
     result = fused_op(variant, x_c, weight_c, bias_c, a_w, b_w, scalings, p, state.backend, extra)

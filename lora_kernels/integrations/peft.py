@@ -57,6 +57,8 @@ PEFT semantics reproduced (peft 0.21, `lora.Linear.forward`, `lora.bnb.Linear4bi
 
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional
 
 import torch
@@ -280,10 +282,11 @@ def _mixed_batch(layer: LoraLayer, x: torch.Tensor, names) -> Optional[tuple]:
     only), or None where PEFT's forward must run."""
     if not isinstance(names, (list, tuple)) or x.dim() < 2 or len(names) != x.shape[0]:
         return None  # PEFT raises on a wrong number of names
-    # with gradients, only the named adapters (PEFT leaves the others' .grad None, not zero —
-    # optimizers tell them apart); without, all of them, so the cached stack serves every batch
+    # with gradients (any adapter of the layer trainable), only the named adapters: PEFT leaves the
+    # others' .grad None, not zero — optimizers tell them apart; without, all of them, so the cached
+    # stack serves every batch
     named = set(names)
-    grads = torch.is_grad_enabled() and any(p.requires_grad for n in named if n in layer.lora_A
+    grads = torch.is_grad_enabled() and any(p.requires_grad for n in layer.lora_A
                                             for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
     adapters, index = [], {}
     for name in layer.lora_A:
@@ -300,8 +303,8 @@ def _mixed_batch(layer: LoraLayer, x: torch.Tensor, names) -> Optional[tuple]:
             return None  # DoRA (PEFT raises), lora_bias, dropout in effect, hooks, …
     # "__base__" and names this layer lacks: base only, as PEFT skips them
     per_sample = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64)
-    rows = x[0].numel() // x.shape[-1]  # rows (tokens) of x per sample
-    adapter_ids = per_sample.repeat_interleave(rows).to(x.device, non_blocking=True)
+    rows = math.prod(x.shape[1:-1])  # rows (tokens) of x per sample
+    adapter_ids = per_sample.to(x.device, non_blocking=True).repeat_interleave(rows)
     return adapters, adapter_ids
 
 

@@ -88,8 +88,9 @@ def _check_ids(adapter_ids, count: int, x: Tensor) -> None:
         check_id_range(adapter_ids.reshape(-1), count)
 
 
-def _stack(tensors, pad_dim: int) -> Tensor:
-    """Per-adapter tensors stacked to (T, ...), zero-padded along `pad_dim` (the rank) to the largest."""
+def stack_adapters(tensors, pad_dim: int) -> Tensor:
+    """Per-adapter tensors stacked to (T, ...), zero-padded along `pad_dim` (the rank: 0 for the
+    (r_t, K) lora_A's, 1 for the (N, r_t) lora_B's) to the largest: the op's stacked form."""
     width = max(t.shape[pad_dim] for t in tensors)
     padded = []
     for t in tensors:
@@ -129,8 +130,8 @@ def lora_linear_per_row(
         else:
             check_scaling(t, scalings[t], x.dtype)
     _check_ids(adapter_ids, count, x)
-    a_stack = lora_A if isinstance(lora_A, Tensor) else _stack(As, 0)
-    b_stack = lora_B if isinstance(lora_B, Tensor) else _stack(Bs, 1)
+    a_stack = lora_A if isinstance(lora_A, Tensor) else stack_adapters(As, 0)
+    b_stack = lora_B if isinstance(lora_B, Tensor) else stack_adapters(Bs, 1)
     dense = weight.contiguous() if isinstance(weight, Tensor) else None
     base = as_base_weight(dense if dense is not None else weight)
     name = resolve(backend, x.device, x.dtype, base.format, variant="per_row")
@@ -143,7 +144,7 @@ def lora_linear_per_row(
 def _oracle(x, weight, bias, lora_A, lora_B, scaling, adapter_ids):
     """The row-by-row maths (`reference.lora_linear_per_row_eager`) with the op's argument forms."""
     As, Bs = adapter_lists(lora_A, lora_B)
-    return lora_linear_per_row_eager(x, weight, bias, _stack(As, 0), _stack(Bs, 1),
+    return lora_linear_per_row_eager(x, weight, bias, stack_adapters(As, 0), stack_adapters(Bs, 1),
                                      per_adapter("scaling", scaling, len(As)), adapter_ids)
 
 

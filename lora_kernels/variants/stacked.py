@@ -130,6 +130,16 @@ def lora_linear_stacked(
     return _EagerStacked.apply(x, dense, bias, StackedCall(base, spec, seeds, name), *As, *Bs)
 
 
+def nn_dropout_rates(scalings, dropout_ps, training: bool):
+    """(scalings, dropout_ps) for `lora_linear_stacked` from adapters configured like nn.Dropout,
+    which allows p = 1: in training, an adapter with p >= 1 contributes a zero term and zero A/B
+    gradients (torch's dropout(p=1), as `lora_linear` serves it), given as scaling 0, p 0 since
+    this op takes p < 1 only; outside training the rates do not apply and are given as 0."""
+    if not training:
+        return list(scalings), [0.0] * len(scalings)
+    return [0.0 if p >= 1.0 else s for s, p in zip(scalings, dropout_ps)], [0.0 if p >= 1.0 else p for p in dropout_ps]
+
+
 def _oracle(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
     """The plain-autograd maths (`reference.lora_linear_stacked_eager`) with the op's argument forms."""
     As, Bs = adapter_lists(lora_A, lora_B)
