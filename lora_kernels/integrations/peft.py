@@ -58,7 +58,6 @@ PEFT semantics reproduced (peft 0.21, `lora.Linear.forward`, `lora.bnb.Linear4bi
 from __future__ import annotations
 
 import math
-
 from typing import List, Optional
 
 import torch
