@@ -2,8 +2,9 @@
 """A mixed batch (per-row adapter ids, `contract.PerRowSpec`) by grouping rows: the base GEMM once
 for all M rows, then per adapter one gathered shrink and one expand scattered back (index_add_)
 over its rows, using the groups the op computed once per call. Plain PyTorch on any device: the
-`cpu`, `cuda` and `reference` backends serve the per-row variant with it (on a GPU it is a
-composition, with one host sync for the group bounds; the triton backend has fused kernels)."""
+`cuda` and `reference` backends serve the per-row variant with it, `cpu` and `triton` its
+backward (their forwards are fused kernels); on a GPU it is a composition, with one host sync
+for the group bounds."""
 
 from __future__ import annotations
 

@@ -71,12 +71,15 @@ def check_adapter(t: int, x, weight, bias, lora_A, lora_B, scaling, dropout_p, t
         raise type(exc)(f"{message} (adapter {t})") from None
 
 
-def check_scaling(t: int, scaling, dtype: torch.dtype) -> None:
-    """Adapter t's scaling: a finite real number within `dtype`'s range (as `ops.check_inputs`)."""
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling[{t}] must be a real number, got {type(scaling).__name__} (adapter {t})")
-    if not math.isfinite(scaling) or abs(scaling) > torch.finfo(dtype).max:
-        raise ValueError(f"scaling[{t}] must be finite and within {dtype}'s range, got {scaling} (adapter {t})")
+def check_scalings(scalings, dtype: torch.dtype, first: int = 0) -> None:
+    """Adapters first, first + 1, ...'s scalings: finite real numbers within `dtype`'s range (as
+    `ops.check_inputs`); the error names the adapter index."""
+    limit = torch.finfo(dtype).max
+    for t, scaling in enumerate(scalings, start=first):
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+            raise TypeError(f"scaling[{t}] must be a real number, got {type(scaling).__name__} (adapter {t})")
+        if not math.isfinite(scaling) or abs(scaling) > limit:
+            raise ValueError(f"scaling[{t}] must be finite and within {dtype}'s range, got {scaling} (adapter {t})")
 
 
 def forward_rows(x: Tensor, n: int, rank: int, compute: Callable[[Tensor], Tuple[Tensor, Tensor]]):

@@ -28,7 +28,7 @@ from lora_kernels.variants.adapters import (
     adapter_lists,
     backward_rows,
     check_adapter,
-    check_scaling,
+    check_scalings,
     forward_rows,
     per_adapter,
 )
@@ -124,11 +124,10 @@ def lora_linear_per_row(
     # Stacks share one shape, dtype and device: their tensors are checked once (a decode step with
     # many adapters pays for one check, not T), the scalings one by one.
     stacked = isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)
-    for t in range(count):
-        if t == 0 or not stacked:
-            check_adapter(t, x, weight, bias, As[t], Bs[t], scalings[t], 0.0, False, backend)
-        else:
-            check_scaling(t, scalings[t], x.dtype)
+    for t in range(1 if stacked else count):
+        check_adapter(t, x, weight, bias, As[t], Bs[t], scalings[t], 0.0, False, backend)
+    if stacked:
+        check_scalings(scalings[1:], x.dtype, first=1)
     _check_ids(adapter_ids, count, x)
     a_stack = lora_A if isinstance(lora_A, Tensor) else stack_adapters(As, 0)
     b_stack = lora_B if isinstance(lora_B, Tensor) else stack_adapters(Bs, 1)

@@ -19,12 +19,14 @@ variant) in `stacked.py`, a mixed batch by per-row adapter ids (`forward_per_row
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from lora_kernels.backends.grouped import backward_per_row  # noqa: F401  (composed per adapter group)
 from lora_kernels.backends.registry import Backend, register
 from lora_kernels.contract import LoRAGrads, LoRASpec, LoRAWeights, PerRowSpec, StackedSpec
 
@@ -97,18 +99,15 @@ def forward_per_row(x2d, weights: LoRAWeights, spec: PerRowSpec):
     Two launches (shrink, then the base GEMM with the expand in its epilogue), no host sync."""
     from lora_kernels.backends.triton.per_row import per_row_forward
 
-    scalings = torch.tensor(spec.scalings, dtype=torch.float32, device=x2d.device)  # read per row by the epilogue
     return per_row_forward(x2d, _kernel_weight(weights, x2d.device), weights.bias, weights.lora_A, weights.lora_B,
-                           scalings, spec.groups)
+                           _scaling_table(spec.scalings, x2d.device), spec.groups)
 
 
-def backward_per_row(dy, x2d, weights: LoRAWeights, xa, spec: PerRowSpec, compute_dx) -> LoRAGrads:
-    """Mixed batch: dy (M, N) -> LoRAGrads(dx (M, K) or None, dA (T, r, K), dB (T, N, r));
-    composed per adapter group (see `per_row.per_row_backward`)."""
-    from lora_kernels.backends.triton.per_row import per_row_backward
-
-    return LoRAGrads(*per_row_backward(dy, x2d, weights.base, weights.lora_A, weights.lora_B, xa, spec.scalings,
-                                       spec.groups, compute_dx))
+@functools.lru_cache(maxsize=64)
+def _scaling_table(scalings: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The (T,) fp32 scalings the per-row epilogue reads, made once per set of scalings and device:
+    a tensor built from a list each call would be a blocking host-to-device copy per layer."""
+    return torch.tensor(scalings, dtype=torch.float32, device=device)
 
 
 def forward_stacked(x2d, weights: LoRAWeights, spec: StackedSpec, seeds):

@@ -254,20 +254,12 @@ def _lora_bwd_dx_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # (R_PAD, BLOCK_K)
         if HAS_DROPOUT:  # D⊙(g·A_tile) needs g·A_tile on its own
-            if a.dtype == tl.float32:
-                lora = tl.dot(g, a, input_precision=DOT_PRECISION)
-            else:
-                g_hi, g_lo = _split_hi_lo(g, a.dtype)
-                lora = tl.dot(g_lo, a, tl.dot(g_hi, a))
+            lora = _dot_g(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION)
             keep = _dropout_keep(tl.load(seed_ptr), rows * K + pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K,
                                  K_ALIGNED)
             acc += lora * keep.to(tl.float32) * (scaling * inv_keep)
         else:  # fold s into g and accumulate in place (no second fp32 tile)
-            if a.dtype == tl.float32:
-                acc = tl.dot(g * scaling, a, acc, input_precision=DOT_PRECISION)
-            else:
-                gs_hi, gs_lo = _split_hi_lo(g * scaling, a.dtype)
-                acc = tl.dot(gs_lo, a, tl.dot(gs_hi, a, acc))
+            acc = _dot_g(g * scaling, a, acc, DOT_PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

@@ -28,7 +28,7 @@ j): compiled for sm80 at R_PAD 64 (bf16, 64x128x32 on 4 warps) it spilled 8328 b
 and 12294 bytes as a loop of 4-column steps (the blocked-layout gathers meet the MMA-layout
 accumulator every column), where the per-adapter dots spill nothing on every selectable tile.
 
-Backward (training through this path, rare): composed, see `per_row_backward`.
+Backward (training through this path, rare): composed per adapter group, `backends/grouped.py`.
 r is padded to R_PAD = max(16, next_pow2(r)) (the MMA minimum) with masked loads; row and
 adapter indices are int64 before they meet a stride. GPU speed: unmeasured.
 """
@@ -142,7 +142,7 @@ def _per_row_fwd_kernel(
     """One (BLOCK_M sorted rows, BLOCK_N) tile of y = x·W₀ᵀ + b + s_t·xa·B_tᵀ per row's adapter t.
     Main loop as `fwd._lora_fwd_kernel` (F2, unsplit; W_FORMAT 1 dequantizes 4-bit W₀ tiles in
     registers) on rows gathered through `order`; the epilogue adds the LoRA term of each row's
-    adapter (dots for a one-adapter tile, a per-row gather of B for a mixed one)."""
+    adapter: one dot round per distinct adapter the tile holds (one for a uniform tile)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_p = offs_p < M
@@ -239,40 +239,3 @@ def per_row_forward(x2d, weight, bias, lora_A, lora_B, scaling_tensor, groups):
             HAS_BIAS=bias is not None, R_PAD=rp, DOT_PRECISION=precision, **w_flags,
         )
     return y, xa
-
-
-def per_row_backward(dy, x2d, base, lora_A, lora_B, xa, scalings, groups, compute_dx):
-    """dy (M, N) contiguous, x2d (M, K), base the frozen W₀ (`BaseWeight`), lora_A (T, r, K),
-    lora_B (T, N, r), xa (M, r), scalings (T,) floats -> (dx (M, K) or None, dA (T, r, K),
-    dB (T, N, r)) in the parameters' dtype.
-
-    Composed (training through the per-row path is rare): one host sync reads the group bounds,
-    then per adapter t with rows (torch ops, fp32 as the one-adapter kernels keep g):
-    g = dY_t·B_t, dA_t = s_t·gᵀ·x_t, dB_t = s_t·dY_tᵀ·xa_t and the rows' s_t·g·A_t; dX adds the
-    base's own product dY·W₀ (`BaseWeight.grad_input_into`: cuBLAS for a dense W₀, the format's
-    tiled product for 4-bit) once for all rows. Adapters without rows get zero gradients."""
-    acc = torch.float32
-    m, k = x2d.shape
-    count = lora_A.shape[0]
-    starts = groups.starts.tolist()  # the one host sync: Python slices per adapter
-    grad_a = torch.zeros(lora_A.shape, dtype=acc, device=x2d.device)
-    grad_b = torch.zeros(lora_B.shape, dtype=acc, device=x2d.device)
-    lora_dx = torch.zeros((m, k), dtype=acc, device=x2d.device) if compute_dx else None
-    for t in range(count):
-        lo, hi = starts[t + 1], starts[t + 2]
-        if lo == hi:
-            continue
-        rows = groups.order[lo:hi]
-        s = scalings[t]
-        dy_t = dy.index_select(0, rows).to(acc)
-        g = dy_t @ lora_B[t].to(acc)  # (rows, r)
-        grad_a[t] = s * (g.t() @ x2d.index_select(0, rows).to(acc))
-        grad_b[t] = s * (dy_t.t() @ xa.index_select(0, rows).to(acc))
-        if compute_dx:
-            lora_dx.index_copy_(0, rows, s * (g @ lora_A[t].to(acc)))  # each row belongs to one adapter
-    grad_x = None
-    if compute_dx:
-        base_term = torch.zeros((m, k), dtype=x2d.dtype, device=x2d.device)
-        base.grad_input_into(base_term, dy)
-        grad_x = (base_term.to(acc) + lora_dx).to(x2d.dtype)
-    return grad_x, grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype)

@@ -10,13 +10,15 @@ loop (`bwd._dx_segments`).
 Forward: the F2 pre-pass (`_lora_fwd_xa_kernel`) once per "run" of adapters, writing its column
 slice of the (M, R) xa in place: an adapter that drops is a run of its own (its mask, seeds[t]),
 consecutive adapters that do not drop share one. Then ONE forward GEMM over the whole rank R
-(no dropout, scaling 1) with Bᵀ's columns pre-scaled by sₜ (an (N, R) copy, cheap): the base GEMM
+(no dropout, scaling 1) with Bᵀ's columns pre-scaled by sₜ (an (N, R) copy): the base GEMM
 and every adapter's expand are one kernel whatever T.
 Backward: one dY pass over the concatenation (g, and dB with sₜ applied to the fp32 sum), one dA
 pass per run on g's column slice, and one dX GEMM whose epilogue loops over the T segments
-(mask t regenerated from seeds[t]). Nothing M×K is saved or materialised; per adapter the
-pre-pass and the dA pass are the single-adapter launches (same config, seed and threshold), so
-its xa columns and its dA are the bits a one-adapter call with seeds[t:t+1] gives.
+(mask t regenerated from seeds[t]). Nothing M×K is saved or materialised. An adapter that drops
+is a run of its own, whose pre-pass and dA pass are the single-adapter launches (same config,
+seed and threshold), so its xa columns are the bits a one-adapter call with seeds[t:t+1] gives;
+adapters without dropout share a run (another R_PAD, so maybe another config), and every dA
+gets its sₜ after the fp32 sum.
 The dX epilogue's tile is capped (`configs.SEGMENTS_TIGHT_ACC_PER_THREAD`): with dropout and
 K % 8 != 0 or a segment padded to R_PAD >= 64 only the small-tile fallback compiles spill-free
 (slower; GPU performance unmeasured).
@@ -101,7 +103,7 @@ def stacked_forward(x2d, weight, bias, lora_A, lora_B, spec: StackedSpec, seeds)
             launch_xa(x2d, lora_A[lo:hi], xa[:, lo:hi], spec.adapters[t0].dropout_p, seed)
         # sₜ folded into Bᵀ's columns (rounded once to the compute dtype, as the single-adapter
         # GEMM rounds s·xa): the GEMM then runs at scaling 1 without dropout.
-        b_scaled = (lora_B.float() * col_scale).to(lora_B.dtype)
+        b_scaled = (lora_B * col_scale).to(lora_B.dtype)  # promoted to fp32 for the product
         launch_gemm(x2d, weight, bias, lora_A, b_scaled, xa, y, 1.0, 0.0, None, False)
     return y, xa
 
