@@ -213,9 +213,9 @@ def test_registered_variant():
 
 # --- static evidence: compiled for sm80 / sm90 without a GPU -------------------------------------
 
-ARCHS = (80, 90)
+ARCHS = (80, 86, 90)
 STATIC_DTYPES = ("fp16", "bf16")
-STATIC_R_PADS = (16, 64)
+STATIC_R_PADS = (16, 32, 64, 128, 256)
 _INT64_PTRS = {"ids_ptr", "order_ptr", "starts_ptr"}
 _FP32_PTRS = {"scale_ptr", "absmax_ptr", "code_ptr"}
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn"}
@@ -248,8 +248,8 @@ def _compile(kernel, consts, cfg, arch, dtype):
 
 
 def _selectable(arch, dtype, r_pad):
-    """(kernel name, constexprs, configs, smem model) per kernel: the largest and the smallest
-    config the pruners can select over the M buckets (decode and large), as compile_check --quick."""
+    """(kernel name, constexprs, configs, smem model) per kernel: every config the pruners can
+    select over the M buckets (decode and large), for a dense and a 4-bit W₀."""
     from lora_kernels.backends.triton import configs, per_row
 
     limit = configs.SMEM_LIMIT_BY_ARCH[arch]
@@ -258,56 +258,61 @@ def _selectable(arch, dtype, r_pad):
     gemm = configs.gemm_configs(interpret=False, capability=(arch // 10, arch % 10))
     buckets = (1, 16, 64, 256, 8192)
 
-    def extremes(cfgs, model):
-        """The config with the most accumulators a thread (then the most shared memory) and the
-        one with the least shared memory."""
-        unique = list({repr(c): c for c in cfgs}.values())
+    def unique(cfgs):
+        return list({repr(c): c for c in cfgs}.values())
 
-        def heaviest(c):
+    def fwd_model(wf):
+        def model(c):
             kw = c.kwargs
-            return kw["BLOCK_M"] * kw.get("BLOCK_N", kw.get("BLOCK_K")) // c.num_warps, model(c)
-
-        return list({repr(c): c for c in (max(unique, key=heaviest), min(unique, key=model))}.values())
-
-    def fwd_model(c):
-        kw = c.kwargs
-        return configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, r_pad, False)
+            return configs.smem_fwd(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, r_pad, False, wf)
+        return model
 
     def shrink_model(c):
         return configs.smem_xa(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, r_pad)
 
-    fwd_cfgs = [c for bk in buckets for c in per_row.prune_fwd(gemm, {"M_BUCKET": bk, "w_ptr": meta, "x_ptr": meta},
-                                                                 R_PAD=r_pad, SMEM_LIMIT=limit)]
+    def fwd_cfgs(wf):
+        w = torch.empty(0, dtype=torch.uint8) if wf else meta
+        return unique([c for bk in buckets for c in per_row.prune_fwd(
+            gemm, {"M_BUCKET": bk, "w_ptr": w, "x_ptr": meta}, R_PAD=r_pad, SMEM_LIMIT=limit, W_FORMAT=wf)])
+
     xa_cfgs = [c for bk in buckets for c in configs.prune_stream(configs.xa_configs(interpret=False),
                                                                    {"M_BUCKET": bk, "x_ptr": meta},
                                                                    R_PAD=r_pad, SMEM_LIMIT=limit)]
-    fwd_consts = dict(HAS_BIAS=True, R_PAD=r_pad, DOT_PRECISION="ieee", W_FORMAT=0, QBLOCK=1, absmax_ptr=None,
-                      code_ptr=None)
+    dense = dict(HAS_BIAS=True, R_PAD=r_pad, DOT_PRECISION="ieee", W_FORMAT=0, QBLOCK=1, absmax_ptr=None,
+                 code_ptr=None)
+    four_bit = dict(HAS_BIAS=True, R_PAD=r_pad, DOT_PRECISION="ieee", W_FORMAT=1, QBLOCK=64)
     return limit, [
-        ("fwd", per_row._per_row_fwd_kernel, fwd_consts, extremes(fwd_cfgs, fwd_model), fwd_model),
-        ("shrink", per_row._per_row_shrink_kernel, dict(R_PAD=r_pad, DOT_PRECISION="ieee"),
-         extremes(xa_cfgs, shrink_model), shrink_model),
+        ("fwd", per_row._per_row_fwd_kernel, dense, fwd_cfgs(0), fwd_model(0)),
+        ("fwd 4bit", per_row._per_row_fwd_kernel, four_bit, fwd_cfgs(1), fwd_model(1)),
+        ("shrink", per_row._per_row_shrink_kernel, dict(R_PAD=r_pad, DOT_PRECISION="ieee"), unique(xa_cfgs),
+         shrink_model),
     ]
 
 
-def static_rows():
-    """Compile every (arch, dtype, R_PAD, kernel, config) of `_selectable`; one dict per kernel
-    with the compiled shared memory, the model, the limit, registers and spill bytes (ptxas -v)."""
+def _static_row(job):
+    """One compiled (arch, dtype, R_PAD, kernel, config): a dict with the compiled shared memory,
+    the model, the limit, registers and spill bytes (ptxas -v)."""
     from lora_kernels.backends.triton.compile_check import ptxas_usage
 
-    rows = []
-    for arch in ARCHS:
-        for dtype in STATIC_DTYPES:
-            for r_pad in STATIC_R_PADS:
-                limit, kernels = _selectable(arch, dtype, r_pad)
-                for name, kernel, consts, cfgs, model in kernels:
-                    for c in cfgs:
-                        k = _compile(kernel, consts, c, arch, dtype)
-                        regs, spill = ptxas_usage(k.asm["ptx"], arch)
-                        rows.append(dict(arch=arch, dtype=dtype, r_pad=r_pad, kernel=name, config=dict(c.kwargs),
-                                         warps=c.num_warps, stages=c.num_stages, smem=k.metadata.shared,
-                                         smem_model=model(c), smem_limit=limit, regs=regs, spill=spill))
-    return rows
+    arch, dtype, r_pad, index, c_index = job
+    limit, kernels = _selectable(arch, dtype, r_pad)
+    name, kernel, consts, cfgs, model = kernels[index]
+    c = cfgs[c_index]
+    k = _compile(kernel, consts, c, arch, dtype)
+    regs, spill = ptxas_usage(k.asm["ptx"], arch)
+    return dict(arch=arch, dtype=dtype, r_pad=r_pad, kernel=name, config=dict(c.kwargs), warps=c.num_warps,
+                stages=c.num_stages, smem=k.metadata.shared, smem_model=model(c), smem_limit=limit, regs=regs,
+                spill=spill)
+
+
+def static_rows():
+    """Every (arch, dtype, R_PAD, kernel, config) of `_selectable` compiled (one process per core)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(arch, dtype, r_pad, i, j) for arch in ARCHS for dtype in STATIC_DTYPES for r_pad in STATIC_R_PADS
+            for i, (_, _, _, cfgs, _) in enumerate(_selectable(arch, dtype, r_pad)[1]) for j in range(len(cfgs))]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(_static_row, jobs, chunksize=8))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -335,19 +340,21 @@ def test_selectable_gemm_tiles(_kernels, arch):
                 kept = triton_per_row.prune_fwd(gemm, named, R_PAD=r_pad, W_FORMAT=1,
                                                 SMEM_LIMIT=configs.SMEM_LIMIT_BY_ARCH[arch])
                 large = configs._W4_SM90 if arch >= 90 else configs._W4_SM80
-                assert bucket < 256 or r_pad > 64 or any(configs._tiles(c, "BLOCK_N", "BLOCK_K") in large
+                # (sm86's 99 KB of shared memory leave that tile out)
+                assert arch == 86 or bucket < 256 or r_pad > 64 or any(configs._tiles(c, "BLOCK_N", "BLOCK_K") in large
                                                           for c in kept), kept
 
 
-def test_static_compiled_sm80_sm90():
-    """Both kernels compile for sm80 and sm90 in fp16 and bf16 at R_PAD 16 and 64 (each one's
-    heaviest selectable config, most accumulators a thread, and its smallest): no spill stores,
-    shared memory within the arch's per-block limit and within the model the pruner used."""
+def test_static_compiled_sm80_sm86_sm90():
+    """Both kernels (the GEMM with a dense and a 4-bit W₀) compile for sm80, sm86 and sm90 in fp16
+    and bf16 at every R_PAD 16..256, in every config the pruners can select over the M buckets:
+    no spill stores, shared memory within the arch's per-block limit and within the model the
+    pruner used."""
     proc = run_compiled([os.path.abspath(__file__)], timeout=1200)  # the kernels compiled, not interpreted
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {(r["arch"], r["dtype"], r["kernel"]) for r in rows} == {
-        (a, d, k) for a in ARCHS for d in STATIC_DTYPES for k in ("fwd", "shrink")}
+        (a, d, k) for a in ARCHS for d in STATIC_DTYPES for k in ("fwd", "fwd 4bit", "shrink")}
     for r in rows:
         assert r["spill"] == 0 and r["regs"] > 0, r
         assert r["smem"] <= r["smem_limit"] and r["smem"] <= r["smem_model"], r

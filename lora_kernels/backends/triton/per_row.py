@@ -102,21 +102,32 @@ def _per_row_shrink_kernel(
 # R_PAD 64) and at none of <= 64 but one: the 8-warp 128x64 tile, which the configs carry as room
 # for a dropout mask (none here), spilled 12 bytes on sm80 at R_PAD 32 (capped at 128 registers);
 # its 4-warp twin serves (a 4-bit W₀ keeps it: its only large tile, `configs._W4_SM80/_SM90`,
-# compiled spill-free here at R_PAD 16 and 64). Every dense tile these rules keep compiled
-# spill-free for sm80/sm90 at R_PAD 16/32/64 (bf16); tests/test_triton_per_row.py compiles the
-# heaviest and the smallest.
+# compiled spill-free here). The full sweep (tests/test_triton_per_row.py: every selectable config,
+# sm80/86/90, fp16/bf16, R_PAD 16..256, dense and 4-bit W₀; 714 compiles) found one more: the
+# 32x64x128 tile at 4 stages spilled 12 bytes on sm90 at R_PAD 128 (the xa/B epilogue tiles
+# beside a deep K pipeline), so R_PAD >= 128 drops it. Every tile these rules keep compiled
+# spill-free in that sweep.
 ACC_PER_THREAD = 64
 _MASK_ROOM_TILE = (128, 64, 8)  # (BLOCK_M, BLOCK_N, warps)
+_WIDE_R_SPILL_TILE = (32, 64, 128, 4)  # (BLOCK_M, BLOCK_N, BLOCK_K, stages), dropped at R_PAD >= 128
 
 
 def prune_fwd(configs_, named_args, **kwargs):
     """`configs.prune_fwd` (decode/large tiles, shared memory within the device's limit), then only
-    tiles with at most ACC_PER_THREAD accumulators a thread and, for a dense W₀, without
-    `_MASK_ROOM_TILE` (the smallest survivor of `configs.prune_fwd` if none is left)."""
+    tiles with at most ACC_PER_THREAD accumulators a thread, for a dense W₀ without
+    `_MASK_ROOM_TILE`, and at R_PAD >= 128 without `_WIDE_R_SPILL_TILE` (the smallest survivor of
+    `configs.prune_fwd` if none is left)."""
     kept = configs.prune_fwd(configs_, named_args, **kwargs)
     dense = kwargs.get("W_FORMAT", 0) == 0
+    wide_r = kwargs.get("R_PAD", 16) >= 128
+
+    def spills(c):
+        kw = c.kwargs
+        return ((dense and (kw["BLOCK_M"], kw["BLOCK_N"], c.num_warps) == _MASK_ROOM_TILE)
+                or (wide_r and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages) == _WIDE_R_SPILL_TILE))
+
     roomy = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= ACC_PER_THREAD * 32 * c.num_warps
-             and not (dense and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == _MASK_ROOM_TILE)]
+             and not spills(c)]
     return roomy or kept[-1:]
 
 

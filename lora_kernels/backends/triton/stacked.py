@@ -21,7 +21,9 @@ adapters without dropout share a run (another R_PAD, so maybe another config), a
 gets its sₜ after the fp32 sum.
 The dX epilogue's tile is capped (`configs.SEGMENTS_TIGHT_ACC_PER_THREAD`): with dropout and
 K % 8 != 0 or a segment padded to R_PAD >= 64 only the small-tile fallback compiles spill-free
-(slower; GPU performance unmeasured).
+(slower; GPU performance unmeasured). Known limit: with dropout and a rank sum padded to R_PAD
+256 (ΣR > 128) every selectable dX tile spills (ptxas: 4-1206 bytes; tests/test_triton_stacked.py
+compiles them all), correct but slower; chunking R in the epilogue would lift it.
 """
 
 from __future__ import annotations
